@@ -1,0 +1,199 @@
+//! The lease protocol's wire types (JSON over HTTP, camelCase field names).
+//!
+//! ```text
+//! POST   /v1/budgets/{namespace}/{name}/leases          LeaseRequest -> Grant
+//! DELETE /v1/budgets/{namespace}/{name}/leases/{member} 204
+//! GET    /v1/budgets/{namespace}/{name}                 Snapshot
+//! ```
+//!
+//! Every request type refuses unknown fields, so a typo in a client is a 400 and not a
+//! silently ignored value. Validation that serde cannot express (finite, non-negative
+//! rates; member name syntax) lives in [`LeaseRequest::validate`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A share of a budget: a rate in messages per second and a number of messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Share {
+    pub rate: f64,
+    pub in_flight: u32,
+}
+
+impl Share {
+    pub const ZERO: Share = Share {
+        rate: 0.0,
+        in_flight: 0,
+    };
+
+    pub fn new(rate: f64, in_flight: u32) -> Self {
+        Self { rate, in_flight }
+    }
+
+    /// Component-wise maximum.
+    pub fn max(self, other: Share) -> Share {
+        Share::new(self.rate.max(other.rate), self.in_flight.max(other.in_flight))
+    }
+
+    /// Component-wise minimum.
+    pub fn min(self, other: Share) -> Share {
+        Share::new(self.rate.min(other.rate), self.in_flight.min(other.in_flight))
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.rate <= 0.0 && self.in_flight == 0
+    }
+}
+
+impl fmt::Display for Share {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.3} msg/s, {} in flight", self.rate, self.in_flight)
+    }
+}
+
+/// `POST .../leases`: join or renew.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// The member's stable name (the pod name under Kubernetes).
+    pub member: String,
+    /// What the member could use right now.
+    pub demand: Share,
+    /// What the member is using at the moment it sends this request (its current lease,
+    /// its fallback share, or zero). Absent means zero.
+    #[serde(default)]
+    pub holding: Option<Share>,
+    /// Messages per second the member actually processed recently (for status only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_rate: Option<f64>,
+}
+
+/// Largest accepted member name: a Kubernetes object name.
+pub const MAX_MEMBER_LEN: usize = 253;
+
+impl LeaseRequest {
+    /// Checks what serde cannot: names and finite, non-negative numbers. The error names
+    /// the field and what is accepted.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_member(&self.member)?;
+        check_rate("demand.rate", self.demand.rate)?;
+        if let Some(h) = &self.holding {
+            check_rate("holding.rate", h.rate)?;
+        }
+        if let Some(o) = self.observed_rate {
+            check_rate("observedRate", o)?;
+        }
+        Ok(())
+    }
+}
+
+/// A member name is 1 to 253 characters of `[A-Za-z0-9._-]` (pod names qualify).
+pub fn validate_member(member: &str) -> Result<(), String> {
+    if member.is_empty() || member.len() > MAX_MEMBER_LEN {
+        return Err(format!(
+            "member: must be 1 to {MAX_MEMBER_LEN} characters, got {}",
+            member.len()
+        ));
+    }
+    if let Some(c) = member
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "member: only letters, digits, '.', '-' and '_' are accepted, got {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_rate(field: &str, v: f64) -> Result<(), String> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(format!("{field}: must be a finite number >= 0, got {v}"))
+    }
+}
+
+/// `200` answer to a lease request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Grant {
+    pub rate: f64,
+    pub in_flight: u32,
+    /// The lease is valid for this long, counted by the client from when it *sent* the
+    /// request (so the client's view expires no later than the coordinator's).
+    pub lease_ms: u64,
+    /// Refresh this often.
+    pub refresh_ms: u64,
+    /// What to run at after the lease expires without a renewal. Never more than the
+    /// grant itself, so the fallbacks of all members fit the budget.
+    pub fallback: Share,
+    /// How long the fallback may be used after the lease expired; after that the member
+    /// stops taking messages until it reaches a coordinator again.
+    pub fallback_ms: u64,
+    /// Changes when the coordinator restarts or the budget's configuration changes.
+    pub epoch: u64,
+}
+
+impl Grant {
+    pub fn share(&self) -> Share {
+        Share::new(self.rate, self.in_flight)
+    }
+}
+
+/// The JSON body of every 4xx answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// One member as seen by the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberSnapshot {
+    pub member: String,
+    /// The last grant sent.
+    pub rate: f64,
+    pub in_flight: u32,
+    pub demand: Share,
+    /// What the member reported holding in its last request.
+    pub holding: Share,
+    /// What the member may be using now, as the ledger counts it.
+    pub charged: Share,
+    pub observed_rate: Option<f64>,
+    /// Milliseconds until the last grant expires (0 when expired).
+    pub expires_in_ms: u64,
+    pub state: MemberState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MemberState {
+    /// Holds an unexpired lease.
+    Live,
+    /// The lease expired without renewal: the member crashed or cannot reach the
+    /// coordinator, and may be running at its fallback share.
+    Expired,
+}
+
+/// `GET /v1/budgets/{namespace}/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub namespace: String,
+    pub name: String,
+    pub capacity: Share,
+    pub policy: crate::Policy,
+    pub expected_members: u32,
+    pub epoch: u64,
+    /// True while the coordinator is re-learning leases after a restart.
+    pub learning: bool,
+    /// Sum of the current grants of live members.
+    pub granted: Share,
+    /// Sum of what every member may be using now (never above capacity once settled).
+    pub charged: Share,
+    /// Sum of the rates members reported processing.
+    pub observed_rate: f64,
+    pub members: Vec<MemberSnapshot>,
+}
