@@ -22,14 +22,17 @@
 //! capacity that no charge holds. Charges only fall as time passes, so checking room at
 //! the instant of a grant is enough for every later instant.
 //!
-//! After a restart the ledger knows nothing: for one lease length ("learning") nobody
-//! gets more than it reports holding and new members get nothing, and until the old
-//! fallbacks have run out, every expected member not yet heard from is assumed to be
-//! running at its fallback share.
+//! After a restart the ledger knows nothing, not even how many members hold leases
+//! from the previous incarnation. Until every such lease *and its fallback window* has
+//! run out (a lease plus `fallback_ms`, "learning"), nobody gets more than it reports
+//! holding and new members get nothing, so nobody's usage grows and the old
+//! incarnation's bound still holds. This is longer than the single lease length of the
+//! first design sketch: one lease is enough only if no member can be running at its
+//! fallback unseen, which nothing guarantees.
 
 use crate::policy::{targets, Policy};
 use crate::protocol::{Grant, LeaseRequest, MemberSnapshot, MemberState, Share, Snapshot};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 /// A budget's settings, as the operator or the budgets file gives them.
 #[derive(Debug, Clone, PartialEq)]
@@ -107,13 +110,10 @@ impl Member {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 struct Learning {
     /// Until then, grants never exceed what a member reports holding.
     until: u64,
-    /// Until then, expected members not yet heard from are assumed to run at fallback.
-    reserve_until: u64,
-    seen: BTreeSet<String>,
 }
 
 /// The ledger of one budget.
@@ -139,14 +139,11 @@ impl Ledger {
     /// A ledger created by a coordinator that (re)started at `started`: members may hold
     /// leases from a previous incarnation, so it starts in learning mode.
     pub fn restarted(config: BudgetConfig, started: u64) -> Self {
-        let until = started.saturating_add(config.lease_ms);
-        let reserve_until = until.saturating_add(config.fallback_ms);
+        let until = started
+            .saturating_add(config.lease_ms)
+            .saturating_add(config.fallback_ms);
         Self {
-            learning: Some(Learning {
-                until,
-                reserve_until,
-                seen: BTreeSet::new(),
-            }),
+            learning: Some(Learning { until }),
             ..Self::new(config)
         }
     }
@@ -184,8 +181,8 @@ impl Ledger {
 
     /// Members expected: `max(live, desired)`, at least 1.
     fn expected(&self, now: u64, extra_live: bool) -> u32 {
-        let live = self.members.values().filter(|m| m.is_live(now)).count() as u32
-            + u32::from(extra_live);
+        let live =
+            self.members.values().filter(|m| m.is_live(now)).count() as u32 + u32::from(extra_live);
         live.max(self.config.expected_members).max(1)
     }
 
@@ -203,15 +200,12 @@ impl Ledger {
         let fb = self.config.fallback_ms;
         self.members
             .retain(|_, m| now < m.prev.ends(fb) || now < m.cur.ends(fb));
-        if let Some(l) = &self.learning {
-            if now >= l.reserve_until {
-                self.learning = None;
-            }
+        if self.learning.is_some_and(|l| now >= l.until) {
+            self.learning = None;
         }
     }
 
-    /// What every member together may be using now, plus reservations for members not
-    /// yet heard from after a restart.
+    /// What every member together may be using now, as counted.
     pub fn charged(&self, now: u64) -> Share {
         self.charged_except(now, None)
     }
@@ -226,15 +220,6 @@ impl Ledger {
             let c = m.charge(now, fb);
             sum.rate += c.rate;
             sum.in_flight = sum.in_flight.saturating_add(c.in_flight);
-        }
-        if let Some(l) = &self.learning {
-            if now < l.reserve_until {
-                let expected = self.expected(now, false);
-                let unseen = expected.saturating_sub(l.seen.len() as u32);
-                let f = self.fallback_share(expected);
-                sum.rate += f.rate * f64::from(unseen);
-                sum.in_flight = sum.in_flight.saturating_add(f.in_flight * unseen);
-            }
         }
         sum
     }
@@ -318,9 +303,6 @@ impl Ledger {
                 cur,
             },
         );
-        if let Some(l) = &mut self.learning {
-            l.seen.insert(req.member.clone());
-        }
         Grant {
             rate: grant.rate,
             in_flight: grant.in_flight,

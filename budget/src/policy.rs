@@ -54,7 +54,10 @@ pub fn targets(policy: Policy, capacity: Share, expected: u32, demands: &[Share]
                 capacity.rate,
             );
             let flights = fill_then_spread(
-                &demands.iter().map(|d| f64::from(d.in_flight)).collect::<Vec<_>>(),
+                &demands
+                    .iter()
+                    .map(|d| f64::from(d.in_flight))
+                    .collect::<Vec<_>>(),
                 f64::from(capacity.in_flight),
             );
             let flights = apportion(&flights, capacity.in_flight);
@@ -97,7 +100,10 @@ pub fn waterfill(demands: &[f64], capacity: f64) -> Vec<f64> {
 /// Whole numbers summing to at most `total` (exactly `total` when the fractions sum to
 /// it), by the largest-remainder method; ties go to the earlier entry.
 pub fn apportion(fractions: &[f64], total: u32) -> Vec<u32> {
-    let mut out: Vec<u32> = fractions.iter().map(|f| f.max(0.0).floor() as u32).collect();
+    let mut out: Vec<u32> = fractions
+        .iter()
+        .map(|f| f.max(0.0).floor() as u32)
+        .collect();
     let floor_sum: u64 = out.iter().map(|&v| u64::from(v)).sum();
     let wanted = (fractions.iter().sum::<f64>().round() as u64).min(u64::from(total));
     if floor_sum > wanted {
@@ -134,7 +140,11 @@ mod tests {
 
     #[test]
     fn demand_policy_gives_idle_share_to_busy_members() {
-        let d = [Share::new(0.0, 0), Share::new(100.0, 10), Share::new(2.0, 1)];
+        let d = [
+            Share::new(0.0, 0),
+            Share::new(100.0, 10),
+            Share::new(2.0, 1),
+        ];
         let t = targets(Policy::Demand, Share::new(30.0, 6), 3, &d);
         assert_eq!(t[2].rate, 2.0);
         assert_eq!(t[0].rate, 0.0);

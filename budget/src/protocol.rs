@@ -33,12 +33,18 @@ impl Share {
 
     /// Component-wise maximum.
     pub fn max(self, other: Share) -> Share {
-        Share::new(self.rate.max(other.rate), self.in_flight.max(other.in_flight))
+        Share::new(
+            self.rate.max(other.rate),
+            self.in_flight.max(other.in_flight),
+        )
     }
 
     /// Component-wise minimum.
     pub fn min(self, other: Share) -> Share {
-        Share::new(self.rate.min(other.rate), self.in_flight.min(other.in_flight))
+        Share::new(
+            self.rate.min(other.rate),
+            self.in_flight.min(other.in_flight),
+        )
     }
 
     pub fn is_zero(&self) -> bool {
