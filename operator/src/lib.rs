@@ -1,1 +1,4 @@
-//! placeholder
+pub mod build;
+pub mod crd;
+pub mod status;
+pub mod validate;

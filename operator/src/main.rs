@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    print!("{}", pacer_operator::crd::crd_yaml());
+}

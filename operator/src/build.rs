@@ -1,0 +1,493 @@
+//! Builders of a `ThrottledConsumer`'s children: pure functions from a validated spec to
+//! the objects the reconciler applies. No I/O and no randomness here (the token is an
+//! argument), so every byte sent to the API server is unit-tested.
+//!
+//! ```text
+//! ThrottledConsumer ns/x
+//!   ├── Secret ns/x-budget-token        bearer token for the budget, created once
+//!   ├── Deployment ns/x                 `pacer run` replicas (+ the user's template)
+//!   └── PodDisruptionBudget ns/x        only when spec.podDisruptionBudget is set
+//! ```
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    Secret, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::{ByteString, DeepMerge};
+use kube::{Resource, ResourceExt};
+
+use crate::crd::{BudgetPolicy, Ordering, ThrottledConsumer};
+use crate::validate::ValidSpec;
+
+/// The operator's field manager for server-side apply: the one identity under which it
+/// owns fields of its children and of the status.
+pub const FIELD_MANAGER: &str = "pacer-operator";
+
+/// Label selecting one fleet's pods (value: the `ThrottledConsumer` name).
+pub const LABEL_CONSUMER: &str = "pacer.dev/throttled-consumer";
+/// Annotation on the Deployment with a hash of what the operator last applied, so an
+/// unchanged spec costs a GET and no write.
+pub const ANNOTATION_APPLIED_HASH: &str = "pacer.dev/applied-hash";
+/// Key of the bearer token in the budget Secret.
+pub const TOKEN_KEY: &str = "token";
+/// Where the token Secret is mounted in the replica container.
+pub const TOKEN_DIR: &str = "/var/run/secrets/pacer";
+/// Name of the replica container; a container of this name in `spec.template` is merged
+/// into it.
+pub const CONTAINER: &str = "pacer";
+/// Admin port of a replica (`/livez`, `/readyz`, `/metrics`).
+pub const ADMIN_PORT: i32 = 9090;
+/// Extra termination grace beyond the replica's own shutdown grace: room for committing
+/// offsets and releasing the lease after in-flight work is done.
+pub const TERMINATION_MARGIN_SECONDS: i64 = 5;
+/// UID/GID the replicas run as when the user's template does not say (distroless
+/// `nonroot`).
+pub const RUN_AS_USER: i64 = 65532;
+
+/// The environment `pacer run` reads; one const each and [`ALL`](env::ALL) lists them.
+pub mod env {
+    pub const BOOTSTRAP_SERVERS: &str = "PACER_BOOTSTRAP_SERVERS";
+    pub const TOPICS: &str = "PACER_TOPICS";
+    pub const GROUP_ID: &str = "PACER_GROUP_ID";
+    pub const KAFKA_CONFIG: &str = "PACER_KAFKA_CONFIG";
+    pub const COORDINATOR: &str = "PACER_COORDINATOR";
+    pub const BUDGET: &str = "PACER_BUDGET";
+    pub const TOKEN_FILE: &str = "PACER_TOKEN_FILE";
+    pub const MEMBER: &str = "PACER_MEMBER";
+    pub const BURST: &str = "PACER_BURST";
+    pub const ORDERING: &str = "PACER_ORDERING";
+    pub const SINK: &str = "PACER_SINK";
+    pub const TIMEOUT: &str = "PACER_TIMEOUT";
+    pub const MAX_ATTEMPTS: &str = "PACER_MAX_ATTEMPTS";
+    pub const DEAD_LETTER_TOPIC: &str = "PACER_DEAD_LETTER_TOPIC";
+    pub const SHUTDOWN_GRACE: &str = "PACER_SHUTDOWN_GRACE";
+    pub const ADMIN_ADDR: &str = "PACER_ADMIN_ADDR";
+
+    /// Every variable `pacer run` reads that the operator sets.
+    pub const ALL: [&str; 16] = [
+        BOOTSTRAP_SERVERS,
+        TOPICS,
+        GROUP_ID,
+        KAFKA_CONFIG,
+        COORDINATOR,
+        BUDGET,
+        TOKEN_FILE,
+        MEMBER,
+        BURST,
+        ORDERING,
+        SINK,
+        TIMEOUT,
+        MAX_ATTEMPTS,
+        DEAD_LETTER_TOPIC,
+        SHUTDOWN_GRACE,
+        ADMIN_ADDR,
+    ];
+
+    /// Downward-API pod name; `PACER_MEMBER` expands it.
+    pub const POD_NAME: &str = "POD_NAME";
+    /// Prefix of the helper variables holding `kafka.secretConfig` values; the API
+    /// server expands `$(NAME)` references to them inside `PACER_KAFKA_CONFIG`.
+    pub const KAFKA_SECRET_PREFIX: &str = "PACER_KAFKA_SECRET_";
+}
+
+/// What the builders need from the operator's own configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSettings {
+    /// Default image of the replicas.
+    pub image: String,
+    /// URL at which replicas reach the operator's embedded coordinator.
+    pub coordinator_url: String,
+}
+
+/// Names of one fleet's children.
+pub fn deployment_name(tc: &ThrottledConsumer) -> String {
+    tc.name_any()
+}
+pub fn secret_name(tc: &ThrottledConsumer) -> String {
+    format!("{}-budget-token", tc.name_any())
+}
+pub fn pdb_name(tc: &ThrottledConsumer) -> String {
+    tc.name_any()
+}
+
+/// Labels that select one fleet's pods.
+pub fn selector_labels(tc: &ThrottledConsumer) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "pacer".to_string()),
+        (LABEL_CONSUMER.to_string(), tc.name_any()),
+    ])
+}
+
+/// The selector as a string, for `status.selector` (scale subresource).
+pub fn selector_string(tc: &ThrottledConsumer) -> String {
+    selector_labels(tc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Labels on every child: the selector plus the `app.kubernetes.io` set.
+pub fn labels(tc: &ThrottledConsumer) -> BTreeMap<String, String> {
+    let mut l = selector_labels(tc);
+    l.insert("app.kubernetes.io/instance".into(), tc.name_any());
+    l.insert("app.kubernetes.io/component".into(), "consumer".into());
+    l.insert("app.kubernetes.io/part-of".into(), "pacer".into());
+    l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    l
+}
+
+fn owner_ref(tc: &ThrottledConsumer) -> OwnerReference {
+    // A ThrottledConsumer from the API server always has a uid; one without is a bug in
+    // the caller (tests build fixtures with a uid).
+    tc.controller_owner_ref(&())
+        .expect("ThrottledConsumer from the API server has a uid")
+}
+
+fn child_meta(tc: &ThrottledConsumer, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: tc.namespace(),
+        labels: Some(labels(tc)),
+        owner_references: Some(vec![owner_ref(tc)]),
+        ..Default::default()
+    }
+}
+
+/// The budget's Secret with a freshly generated token. Created once; the reconciler never
+/// applies it over an existing Secret, so the token is never rotated by accident.
+pub fn token_secret(tc: &ThrottledConsumer, token: &str) -> Secret {
+    Secret {
+        metadata: child_meta(tc, secret_name(tc)),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            TOKEN_KEY.to_string(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
+        ..Default::default()
+    }
+}
+
+/// The token stored in a budget Secret, if it holds a usable one.
+pub fn token_from_secret(secret: &Secret) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(TOKEN_KEY)?;
+    let token = String::from_utf8(bytes.0.clone()).ok()?;
+    (!token.trim().is_empty()).then_some(token)
+}
+
+/// A new random 256-bit token, hex-encoded.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `namespace/name` of the budget in the coordinator.
+pub fn budget_key(tc: &ThrottledConsumer) -> String {
+    format!("{}/{}", tc.namespace().unwrap_or_default(), tc.name_any())
+}
+
+/// Value of `PACER_SINK`.
+pub fn sink_arg(v: &ValidSpec) -> String {
+    match (&v.spec.sink.http, &v.spec.sink.kafka) {
+        (Some(h), _) => h.url.clone(),
+        (None, Some(k)) => format!("kafka:{}", k.topic),
+        // validate() refuses a spec without a sink.
+        (None, None) => unreachable!("validated spec has a sink"),
+    }
+}
+
+fn ordering_arg(o: Ordering) -> &'static str {
+    match o {
+        Ordering::None => "none",
+        Ordering::Key => "key",
+        Ordering::Partition => "partition",
+    }
+}
+
+/// Name of a policy as the coordinator and the CRD spell it.
+pub fn policy_name(p: BudgetPolicy) -> &'static str {
+    match p {
+        BudgetPolicy::Equal => "equal",
+        BudgetPolicy::Demand => "demand",
+    }
+}
+
+fn plain(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// The replica container's environment, in order: the API server expands `$(VAR)` only
+/// for variables defined earlier in the list.
+pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings) -> Vec<EnvVar> {
+    let spec = &v.spec;
+    let mut out = vec![EnvVar {
+        name: env::POD_NAME.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.name".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut kafka_config: Vec<String> = spec
+        .kafka
+        .config
+        .iter()
+        .map(|(k, val)| format!("{k}={val}"))
+        .collect();
+    for (i, s) in spec.kafka.secret_config.iter().enumerate() {
+        let name = format!("{}{i}", env::KAFKA_SECRET_PREFIX);
+        out.push(EnvVar {
+            name: name.clone(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: s.secret_key_ref.name.clone(),
+                    key: s.secret_key_ref.key.clone(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        kafka_config.push(format!("{}=$({name})", s.key));
+    }
+    out.extend([
+        plain(env::MEMBER, format!("$({})", env::POD_NAME)),
+        plain(env::BOOTSTRAP_SERVERS, spec.kafka.bootstrap_servers.clone()),
+        plain(env::TOPICS, spec.kafka.topics.join(",")),
+        plain(env::GROUP_ID, spec.kafka.group_id.clone()),
+    ]);
+    if !kafka_config.is_empty() {
+        out.push(plain(env::KAFKA_CONFIG, kafka_config.join(",")));
+    }
+    out.extend([
+        plain(env::COORDINATOR, settings.coordinator_url.clone()),
+        plain(env::BUDGET, budget_key(tc)),
+        plain(env::TOKEN_FILE, format!("{TOKEN_DIR}/{TOKEN_KEY}")),
+        plain(env::BURST, spec.budget.burst.to_string()),
+        plain(env::ORDERING, ordering_arg(spec.delivery.ordering)),
+        plain(env::SINK, sink_arg(v)),
+        plain(env::TIMEOUT, spec.delivery.timeout.clone()),
+        plain(
+            env::MAX_ATTEMPTS,
+            spec.delivery.retry.max_attempts.to_string(),
+        ),
+    ]);
+    if let Some(dlq) = &spec.delivery.dead_letter_topic {
+        out.push(plain(env::DEAD_LETTER_TOPIC, dlq.clone()));
+    }
+    out.extend([
+        plain(env::SHUTDOWN_GRACE, spec.delivery.shutdown_grace.clone()),
+        plain(env::ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}")),
+    ]);
+    out
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("admin".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// The restricted container security context (Pod Security Standard `restricted`).
+pub fn restricted_container_security() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The pod template before the user's `template` is merged in.
+fn base_pod_template(
+    tc: &ThrottledConsumer,
+    v: &ValidSpec,
+    settings: &BuildSettings,
+) -> PodTemplateSpec {
+    let image = v
+        .spec
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.image.clone());
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(image),
+        args: Some(vec!["run".into()]),
+        env: Some(env_vars(tc, v, settings)),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".into()),
+            container_port: ADMIN_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        // Liveness is generous: a replica waiting on a slow sink is alive.
+        liveness_probe: Some(http_probe("/livez", 10, 6)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        security_context: Some(restricted_container_security()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "budget-token".into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let grace = i64::try_from(v.shutdown_grace.as_secs()).unwrap_or(3600);
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(tc)),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            // The replicas talk to Kafka, the sink and the coordinator, never to the API.
+            automount_service_account_token: Some(false),
+            termination_grace_period_seconds: Some(grace + TERMINATION_MARGIN_SECONDS),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(RUN_AS_USER),
+                run_as_group: Some(RUN_AS_USER),
+                fs_group: Some(RUN_AS_USER),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            volumes: Some(vec![Volume {
+                name: "budget-token".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret_name(tc)),
+                    // Owner and group read only; fsGroup makes the group the replica's.
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The replicas' Deployment, with the user's `template` merged over the operator's pod
+/// template (containers, env and volumes merge by name; the user wins on conflicts,
+/// except for the selector labels, which the operator must own).
+pub fn deployment(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings) -> Deployment {
+    let mut template = base_pod_template(tc, v, settings);
+    if let Some(user) = v.spec.template.clone() {
+        template.merge_from(user);
+    }
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .labels
+        .get_or_insert_with(Default::default)
+        .extend(selector_labels(tc));
+
+    let mut d = Deployment {
+        metadata: child_meta(tc, deployment_name(tc)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(v.desired_replicas()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(tc)),
+                ..Default::default()
+            },
+            // Never run fewer than desired during a rollout; the coordinator keeps the
+            // sum of leases within budget while old and new pods overlap.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let hash = content_hash(&d);
+    d.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION_APPLIED_HASH.into(), hash);
+    d
+}
+
+/// The replicas' PodDisruptionBudget, when the spec asks for one.
+pub fn pod_disruption_budget(tc: &ThrottledConsumer, v: &ValidSpec) -> Option<PodDisruptionBudget> {
+    let pdb = v.spec.pod_disruption_budget.as_ref()?;
+    let mut out = PodDisruptionBudget {
+        metadata: child_meta(tc, pdb_name(tc)),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(pdb.max_unavailable)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(tc)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let hash = content_hash(&out);
+    out.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ANNOTATION_APPLIED_HASH.into(), hash);
+    Some(out)
+}
+
+/// Whether a live object already carries what the operator would apply.
+pub fn is_up_to_date(live: &ObjectMeta, desired: &ObjectMeta) -> bool {
+    let hash = |m: &ObjectMeta| {
+        m.annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_APPLIED_HASH))
+            .cloned()
+    };
+    hash(live).is_some() && hash(live) == hash(desired)
+}
+
+/// FNV-1a (64-bit) of the object's JSON: stable across builds and Rust versions, unlike
+/// `DefaultHasher`, so an operator restart does not re-apply every child.
+fn content_hash(obj: &impl serde::Serialize) -> String {
+    let bytes = serde_json::to_vec(obj).expect("k8s objects serialize");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
