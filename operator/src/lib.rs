@@ -1,4 +1,8 @@
+pub mod admin;
 pub mod build;
+pub mod controller;
 pub mod crd;
+pub mod metrics;
+pub mod reconcile;
 pub mod status;
 pub mod validate;

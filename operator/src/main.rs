@@ -1,3 +1,195 @@
-fn main() {
-    print!("{}", pacer_operator::crd::crd_yaml());
+//! `pacer-operator`: runs the ThrottledConsumer controller and the embedded budget
+//! coordinator (`run`, the default), or prints the CRD (`crd`).
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use pacer_budget::service::{self, Coordinator};
+use pacer_operator::admin::{self, AdminState};
+use pacer_operator::build::BuildSettings;
+use pacer_operator::metrics::Metrics;
+use pacer_operator::reconcile::Context;
+use pacer_operator::{controller, crd};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "pacer-operator", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the ThrottledConsumer CRD as YAML.
+    Crd,
+    /// Run the controller and the embedded budget coordinator.
+    Run(RunConfig),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunConfig {
+    /// Address of the budget protocol (the replicas' coordinator).
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_COORDINATOR_ADDR",
+        default_value = "0.0.0.0:8080"
+    )]
+    coordinator_addr: SocketAddr,
+    /// Address of /livez, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_ADMIN_ADDR",
+        default_value = "0.0.0.0:8081"
+    )]
+    admin_addr: SocketAddr,
+    /// URL at which replicas reach the coordinator, e.g.
+    /// http://pacer-operator.pacer-system.svc:8080 (the chart's Service).
+    #[arg(long, env = "PACER_OPERATOR_COORDINATOR_URL")]
+    coordinator_url: String,
+    /// Default image of the replicas (`pacer run`).
+    #[arg(long, env = "PACER_OPERATOR_REPLICA_IMAGE")]
+    replica_image: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PACER_OPERATOR_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Seconds between status refreshes of a healthy object.
+    #[arg(long, env = "PACER_OPERATOR_RESYNC_SECONDS", default_value_t = 10)]
+    resync_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "PACER_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run(cfg) => tokio::runtime::Runtime::new()
+            .context("starting the tokio runtime")?
+            .block_on(run(cfg)),
+    }
+}
+
+async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let RunConfig {
+        coordinator_addr,
+        admin_addr,
+        coordinator_url,
+        replica_image,
+        watch_namespace,
+        resync_seconds,
+        log_format,
+    } = cfg;
+    init_tracing(log_format);
+    if !(coordinator_url.starts_with("http://") || coordinator_url.starts_with("https://")) {
+        bail!("--coordinator-url {coordinator_url:?} must be an http:// or https:// URL");
+    }
+    if replica_image.trim().is_empty() {
+        bail!("--replica-image must not be empty");
+    }
+    if !(1..=3600).contains(&resync_seconds) {
+        bail!("--resync-seconds {resync_seconds} is out of range, must be 1 to 3600");
+    }
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let coordinator = Coordinator::new();
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let ctx = Arc::new(Context::new(
+        client,
+        coordinator.clone(),
+        metrics.clone(),
+        BuildSettings {
+            image: replica_image,
+            coordinator_url,
+        },
+        Arc::new(k8s_openapi::chrono::Utc::now),
+        Duration::from_secs(resync_seconds),
+    ));
+
+    // One shutdown signal for all three servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let coord_listener = TcpListener::bind(coordinator_addr)
+        .await
+        .with_context(|| format!("binding the coordinator to {coordinator_addr}"))?;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("binding the admin server to {admin_addr}"))?;
+    info!(%coordinator_addr, %admin_addr, "Listening");
+
+    let coord_task = tokio::spawn(service::serve(coord_listener, coordinator, stopped()));
+    let admin_app = admin::router(AdminState {
+        metrics,
+        ready: ready.clone(),
+    });
+    let admin_stop = stopped();
+    let admin_task = tokio::spawn(async move {
+        axum::serve(admin_listener, admin_app)
+            .with_graceful_shutdown(admin_stop)
+            .await
+    });
+    let controller_task = tokio::spawn(controller::run(ctx, watch_namespace, ready, stopped()));
+
+    shutdown_signal().await;
+    info!("Shutting down");
+    let _ = stop_tx.send(true);
+    controller_task.await.context("controller task")?;
+    coord_task.await.context("coordinator task")??;
+    admin_task.await.context("admin task")??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }

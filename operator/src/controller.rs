@@ -1,0 +1,120 @@
+//! Wiring: the ThrottledConsumer watch (through [`DeserializeGuard`], so one malformed
+//! object cannot stop the others), the watches of owned children, readiness, and the
+//! sweep that drops budgets of deleted objects from the coordinator.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use pacer_budget::service::BudgetId;
+use tracing::{debug, info};
+
+use crate::build::FIELD_MANAGER;
+use crate::crd::ThrottledConsumer;
+use crate::reconcile::{error_policy, reconcile, Context};
+
+/// How often budgets of deleted ThrottledConsumers are dropped. A deleted object's pods
+/// are being garbage-collected meanwhile, so a few seconds of a stale ledger cost
+/// nothing but memory.
+pub const GC_INTERVAL: Duration = Duration::from_secs(15);
+
+type Guarded = DeserializeGuard<ThrottledConsumer>;
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. `ready` turns true once the
+/// ThrottledConsumer watch has listed everything.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    // Children carry the managed-by label, so the operator caches only its own
+    // Deployments, Secrets and PDBs, not every Secret in the cluster.
+    let managed =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    let controller = Controller::new(
+        api::<Guarded>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(api::<Deployment>(&client, ns), managed.clone())
+    .owns(api::<Secret>(&client, ns), managed.clone())
+    .owns(api::<PodDisruptionBudget>(&client, ns), managed)
+    .graceful_shutdown_on(shutdown);
+    let store = controller.store();
+    let sweeper = tokio::spawn(sweep_budgets(store, ctx.clone(), ready));
+    info!(namespace = ns.unwrap_or("<all>"), "Controller started");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(object = %obj, "Reconciled"),
+                Err(e) => debug!(error = %e, "Reconcile error"),
+            }
+        })
+        .await;
+    sweeper.abort();
+    info!("Controller stopped");
+}
+
+/// Marks the operator ready once the store is synced, then periodically removes the
+/// budgets whose ThrottledConsumer is gone.
+async fn sweep_budgets(store: Store<Guarded>, ctx: Arc<Context>, ready: Arc<AtomicBool>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    ready.store(true, Ordering::Release);
+    info!("ThrottledConsumer watch synced; ready");
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tick.tick().await;
+        let live: HashSet<BudgetId> = store
+            .state()
+            .iter()
+            .map(|g| {
+                BudgetId::new(
+                    g.meta().namespace.clone().unwrap_or_default(),
+                    g.meta().name.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        for id in stale_budgets(&ctx.coordinator.ids(), &live) {
+            ctx.coordinator.remove(&id);
+            ctx.metrics.forget_budget(&id);
+            ctx.forget(&id);
+            info!(budget = %id, "Budget of a deleted ThrottledConsumer removed");
+        }
+        ctx.metrics.budgets.set(ctx.coordinator.ids().len() as i64);
+    }
+}
+
+/// Budgets registered in the coordinator whose object no longer exists. Pure.
+pub fn stale_budgets(registered: &[BudgetId], live: &HashSet<BudgetId>) -> Vec<BudgetId> {
+    registered
+        .iter()
+        .filter(|id| !live.contains(id))
+        .cloned()
+        .collect()
+}
