@@ -123,6 +123,22 @@ pub struct Ledger {
     epoch: u64,
     members: BTreeMap<String, Member>,
     learning: Option<Learning>,
+    /// The policy's split, cached: computing it is O(n log n) and a large fleet
+    /// refreshes thousands of times a second with mostly unchanged demands.
+    targets: Option<Split>,
+}
+
+#[derive(Debug, Clone)]
+struct Split {
+    targets: BTreeMap<String, Share>,
+    expected: u32,
+    /// The earliest lease expiry among the live members: the live set may change then.
+    valid_until: u64,
+}
+
+/// Whether a reported demand differs enough from the last one to recompute the split.
+fn material_change(old: Share, new: Share) -> bool {
+    old.in_flight != new.in_flight || (new.rate - old.rate).abs() > 0.01 * old.rate.max(new.rate)
 }
 
 impl Ledger {
@@ -133,6 +149,7 @@ impl Ledger {
             epoch: 1,
             members: BTreeMap::new(),
             learning: None,
+            targets: None,
         }
     }
 
@@ -163,6 +180,7 @@ impl Ledger {
         if config != self.config {
             self.config = config;
             self.epoch += 1;
+            self.targets = None;
         }
     }
 
@@ -180,9 +198,8 @@ impl Ledger {
     }
 
     /// Members expected: `max(live, desired)`, at least 1.
-    fn expected(&self, now: u64, extra_live: bool) -> u32 {
-        let live =
-            self.members.values().filter(|m| m.is_live(now)).count() as u32 + u32::from(extra_live);
+    fn expected(&self, now: u64) -> u32 {
+        let live = self.members.values().filter(|m| m.is_live(now)).count() as u32;
         live.max(self.config.expected_members).max(1)
     }
 
@@ -257,23 +274,32 @@ impl Ledger {
             },
         };
 
-        // Policy targets over the live members, this one included.
-        let is_live = known.as_ref().is_some_and(|m| m.is_live(now));
-        let expected = self.expected(now, !is_live);
-        let mut entries: Vec<(&str, Share)> = self
-            .members
-            .iter()
-            .filter(|(name, m)| name.as_str() != req.member && m.is_live(now))
-            .map(|(name, m)| (name.as_str(), m.demand))
-            .collect();
-        entries.push((&req.member, req.demand));
-        entries.sort_by(|a, b| a.0.cmp(b.0));
-        let idx = entries
-            .iter()
-            .position(|(n, _)| *n == req.member)
-            .unwrap_or_default();
-        let demands: Vec<Share> = entries.iter().map(|(_, d)| *d).collect();
-        let target = targets(self.config.policy, self.config.capacity, expected, &demands)[idx];
+        // A demand change under 1 % is ignored, so members reporting jittery arrival
+        // rates don't make every refresh recompute the whole split.
+        let demand = match &known {
+            Some(m) if !material_change(m.demand, req.demand) => m.demand,
+            _ => req.demand,
+        };
+        let was_live = known.as_ref().is_some_and(|m| m.is_live(now));
+        if !was_live || known.as_ref().is_some_and(|m| m.demand != demand) {
+            self.targets = None;
+        }
+        // Provisionally live (its real lease is set below), so the split includes it.
+        let provisional = Charge {
+            until: now.saturating_add(lease_ms),
+            ..known.as_ref().map(|m| m.cur).unwrap_or_default()
+        };
+        self.members.insert(
+            req.member.clone(),
+            Member {
+                demand,
+                holding,
+                observed_rate: req.observed_rate,
+                prev,
+                cur: provisional,
+            },
+        );
+        let (target, expected) = self.target_of(&req.member, now);
 
         // Only capacity nobody else may be using can be granted.
         let others = self.charged_except(now, Some(&req.member));
@@ -288,21 +314,13 @@ impl Ledger {
         }
         let fallback = grant.min(self.fallback_share(expected));
 
-        let cur = Charge {
-            share: grant,
-            fallback,
-            until: now.saturating_add(lease_ms),
-        };
-        self.members.insert(
-            req.member.clone(),
-            Member {
-                demand: req.demand,
-                holding,
-                observed_rate: req.observed_rate,
-                prev,
-                cur,
-            },
-        );
+        if let Some(m) = self.members.get_mut(&req.member) {
+            m.cur = Charge {
+                share: grant,
+                fallback,
+                until: now.saturating_add(lease_ms),
+            };
+        }
         Grant {
             rate: grant.rate,
             in_flight: grant.in_flight,
@@ -317,7 +335,49 @@ impl Ledger {
     /// A member that shut down cleanly gives everything back at once. Returns whether
     /// the member was known.
     pub fn release(&mut self, member: &str) -> bool {
-        self.members.remove(member).is_some()
+        let removed = self.members.remove(member).is_some();
+        if removed {
+            self.targets = None;
+        }
+        removed
+    }
+
+    /// The policy target of a live `member` and the expected member count, from the
+    /// cached split, recomputed when membership, demand or configuration changed or a
+    /// member's lease ran out.
+    fn target_of(&mut self, member: &str, now: u64) -> (Share, u32) {
+        if self.targets.as_ref().is_none_or(|t| now >= t.valid_until) {
+            self.targets = Some(self.split(now));
+        }
+        let t = self.targets.as_ref().expect("just computed");
+        (
+            t.targets.get(member).copied().unwrap_or_default(),
+            t.expected,
+        )
+    }
+
+    fn split(&self, now: u64) -> Split {
+        let live: Vec<(&String, &Member)> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.is_live(now))
+            .collect();
+        let expected = self.expected(now);
+        let demands: Vec<Share> = live.iter().map(|(_, m)| m.demand).collect();
+        let shares = targets(self.config.policy, self.config.capacity, expected, &demands);
+        Split {
+            valid_until: live
+                .iter()
+                .map(|(_, m)| m.cur.until)
+                .min()
+                .unwrap_or(u64::MAX),
+            expected,
+            targets: live
+                .iter()
+                .map(|(name, _)| (*name).clone())
+                .zip(shares)
+                .collect(),
+        }
     }
 
     /// Number of members with an unexpired lease.

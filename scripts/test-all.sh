@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The ONE command that checks everything: formatting, lints, the CRD and chart checks,
+# then every test of the workspace. `.ci/run` calls exactly this. It installs what it
+# needs on a fresh machine (Debian, Rust toolchain with cargo-nextest, Python 3 + pip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Prerequisites"
+# rdkafka builds librdkafka from source: a C compiler, make, perl, and zlib headers.
+missing=()
+for cmd in cc make perl python3; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
+if [ ${#missing[@]} -gt 0 ] || ! [ -e /usr/include/zlib.h ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl zlib1g-dev python3 python3-pip >/dev/null
+  else
+    echo "missing: ${missing[*]} (and/or zlib headers); install them and rerun" >&2
+    exit 1
+  fi
+fi
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install cargo-nextest --locked
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+if [ -x scripts/check-manifests.sh ]; then
+  step "CRD and chart checks"
+  scripts/check-manifests.sh
+fi
+
+step "Build the binaries the fleet tests spawn"
+cargo build --workspace --bins
+
+step "Tests (unit, property, mocked API, real processes on an embedded broker)"
+# The CRD drift check is one of these tests (pacer-operator).
+cargo nextest run --workspace --no-fail-fast
