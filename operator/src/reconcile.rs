@@ -481,3 +481,317 @@ async fn patch_status(
     ctx.metrics.write("status", "apply");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{self, converse, tc_from_yaml, Step, Uris, MINIMAL, ORDERS_SYNC};
+    use http::{Method, StatusCode};
+    use serde_json::Value;
+
+    fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+    }
+
+    fn first_reconcile_steps(u: &Uris, tc: &ThrottledConsumer) -> Vec<Step> {
+        vec![
+            Step::get_404(u.secret()),
+            Step::echo(Method::POST, u.secret_create()),
+            Step::get_404(u.deployment()),
+            Step::echo(Method::PATCH, u.deployment_apply()),
+            Step::get_404(u.pdb()),
+            Step::echo(Method::PATCH, u.pdb_apply()),
+            Step::status_apply(u.status_apply(), tc),
+        ]
+    }
+
+    #[tokio::test]
+    async fn new_object_gets_a_token_secret_its_children_applied_a_budget_and_a_status() {
+        let coord = Coordinator::new();
+        let (ctx, api) = fixtures::context(coord.clone());
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let u = Uris::of(&tc);
+
+        let (result, seen, _) = converse(
+            api,
+            first_reconcile_steps(&u, &tc),
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+
+        assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
+        let secret = &seen[1].body;
+        assert_eq!(secret["kind"], "Secret");
+        assert_eq!(secret["metadata"]["name"], "orders-sync-budget-token");
+        assert_eq!(
+            secret["metadata"]["ownerReferences"][0]["uid"],
+            fixtures::UID
+        );
+        assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+        assert!(secret["data"]["token"].is_string());
+
+        let deployment = &seen[3].body;
+        assert_eq!(deployment["apiVersion"], "apps/v1");
+        assert_eq!(deployment["kind"], "Deployment");
+        assert_eq!(deployment["spec"]["replicas"], 3);
+        assert_eq!(
+            deployment["metadata"]["ownerReferences"][0]["kind"],
+            "ThrottledConsumer"
+        );
+
+        let pdb = &seen[5].body;
+        assert_eq!(pdb["kind"], "PodDisruptionBudget");
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+
+        let status_body = &seen[6].body;
+        assert_eq!(status_body["apiVersion"], "pacer.dev/v1alpha1");
+        assert_eq!(status_body["kind"], "ThrottledConsumer");
+        let status = &status_body["status"];
+        assert_eq!(status["observedGeneration"], 1);
+        assert_eq!(
+            status["selector"],
+            "app.kubernetes.io/name=pacer,pacer.dev/throttled-consumer=orders-sync"
+        );
+        assert_eq!(condition(status, "InvalidSpec")["status"], "False");
+        assert_eq!(condition(status, "Ready")["status"], "False");
+        assert_eq!(condition(status, "Ready")["reason"], "ReplicasNotReady");
+
+        let snapshot = coord
+            .snapshot(&BudgetId::new("shop", "orders-sync"))
+            .unwrap();
+        assert_eq!(snapshot.capacity, Share::new(11.0, 5));
+        assert_eq!(snapshot.expected_members, 3);
+        assert_eq!(snapshot.policy, Policy::Demand);
+    }
+
+    #[tokio::test]
+    async fn second_reconcile_of_an_unchanged_object_writes_nothing() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let u = Uris::of(&tc);
+        let (first, seen, api) = converse(
+            api,
+            first_reconcile_steps(&u, &tc),
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+        first.unwrap();
+
+        // The object as the API server now returns it, and its children as applied.
+        let mut again = tc.clone();
+        again.status = Some(serde_json::from_value(seen[6].body["status"].clone()).unwrap());
+        let steps = vec![
+            Step::get(u.secret(), seen[1].body.clone()),
+            Step::get(u.deployment(), seen[3].body.clone()),
+            Step::get(u.pdb(), seen[5].body.clone()),
+        ];
+        let (second, reads, _) = converse(api, steps, reconcile_one(&again, &ctx)).await;
+
+        assert_eq!(second.unwrap(), Action::requeue(Duration::from_secs(10)));
+        assert!(reads.iter().all(|r| r.method == Method::GET));
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_writes_only_the_status_naming_the_field_and_waits_for_a_change() {
+        let coord = Coordinator::new();
+        let (ctx, api) = fixtures::context(coord.clone());
+        let mut tc = tc_from_yaml(ORDERS_SYNC);
+        tc.spec.budget.max_in_flight = 0;
+        let u = Uris::of(&tc);
+        let running = serde_json::json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "orders-sync", "namespace": "shop"},
+            "spec": {"selector": {}, "template": {}},
+            "status": {"replicas": 3, "readyReplicas": 3}
+        });
+        let steps = vec![
+            Step::get(u.deployment(), running),
+            Step::status_apply(u.status_apply(), &tc),
+        ];
+
+        let (result, seen, _) = converse(api, steps, reconcile_one(&tc, &ctx)).await;
+
+        assert_eq!(result.unwrap(), Action::await_change());
+        let status = &seen[1].body["status"];
+        let invalid = condition(status, "InvalidSpec");
+        assert_eq!(invalid["status"], "True");
+        assert_eq!(
+            invalid["message"],
+            "spec.budget.maxInFlight: 0 is out of range, must be 1 to 100000"
+        );
+        assert_eq!(condition(status, "Ready")["reason"], "InvalidSpec");
+        assert_eq!(status["readyReplicas"], 3);
+        assert!(
+            coord.ids().is_empty(),
+            "no budget registered for an invalid spec"
+        );
+    }
+
+    #[tokio::test]
+    async fn invalid_spec_whose_status_already_says_so_writes_nothing() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let mut tc = tc_from_yaml(MINIMAL);
+        tc.spec.sink.http = Some(crate::crd::HttpSink {
+            url: "http://handler:8080/".into(),
+        });
+        let u = Uris::of(&tc);
+        let steps = vec![
+            Step::get_404(u.deployment()),
+            Step::status_apply(u.status_apply(), &tc),
+        ];
+        let (_, seen, api) = converse(api, steps, reconcile_one(&tc, &ctx)).await;
+        tc.status = Some(serde_json::from_value(seen[1].body["status"].clone()).unwrap());
+
+        let (result, _, _) = converse(
+            api,
+            vec![Step::get_404(u.deployment())],
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+
+        assert_eq!(result.unwrap(), Action::await_change());
+    }
+
+    #[tokio::test]
+    async fn deleted_token_secret_is_recreated_with_the_token_replicas_already_hold() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let tc = tc_from_yaml(MINIMAL);
+        let u = Uris::of(&tc);
+        let steps = |u: &Uris, tc: &ThrottledConsumer| {
+            vec![
+                Step::get_404(u.secret()),
+                Step::echo(Method::POST, u.secret_create()),
+                Step::get_404(u.deployment()),
+                Step::echo(Method::PATCH, u.deployment_apply()),
+                Step::get_404(u.pdb()),
+                Step::status_apply(u.status_apply(), tc),
+            ]
+        };
+        let (_, first, api) = converse(api, steps(&u, &tc), reconcile_one(&tc, &ctx)).await;
+        let (_, second, _) = converse(api, steps(&u, &tc), reconcile_one(&tc, &ctx)).await;
+
+        assert_eq!(
+            first[1].body["data"]["token"],
+            second[1].body["data"]["token"]
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_apply_is_an_error_with_its_category_and_backs_off() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let tc = tc_from_yaml(MINIMAL);
+        let u = Uris::of(&tc);
+        let boom = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
+        let steps = vec![
+            Step::get_404(u.secret()),
+            Step::echo(Method::POST, u.secret_create()),
+            Step::get_404(u.deployment()),
+            Step::new(
+                Method::PATCH,
+                u.deployment_apply(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some(boom),
+            ),
+        ];
+
+        let (result, _, _) = converse(api, steps, reconcile_one(&tc, &ctx)).await;
+
+        let err = result.unwrap_err();
+        assert_eq!(err.category(), "apply_deployment");
+        assert!(
+            err.to_string()
+                .starts_with("applying Deployment audit-export: "),
+            "{err}"
+        );
+        let guard = Arc::new(DeserializeGuard(Ok(tc)));
+        assert_eq!(
+            error_policy(guard.clone(), &err, ctx.clone()),
+            Action::requeue(Duration::from_secs(1))
+        );
+        assert_eq!(
+            error_policy(guard, &err, ctx.clone()),
+            Action::requeue(Duration::from_secs(2))
+        );
+        assert!(ctx
+            .metrics
+            .encode()
+            .contains(r#"pacer_operator_reconcile_failures_total{category="apply_deployment"} 2"#));
+    }
+
+    #[tokio::test]
+    async fn malformed_object_is_skipped_without_any_request() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let mut raw: Value = serde_yaml::from_str(MINIMAL).unwrap();
+        raw["spec"]["budget"]["policy"] = "fair".into();
+        let guard: DeserializeGuard<ThrottledConsumer> = serde_json::from_value(raw).unwrap();
+        assert!(guard.0.is_err());
+
+        let (result, seen, _) = converse(api, vec![], reconcile(Arc::new(guard), ctx)).await;
+
+        assert_eq!(result.unwrap(), Action::await_change());
+        assert!(seen.is_empty());
+    }
+
+    #[tokio::test]
+    async fn removing_the_pdb_from_the_spec_deletes_the_operators_pdb() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let u = Uris::of(&tc);
+        let (_, seen, api) = converse(
+            api,
+            first_reconcile_steps(&u, &tc),
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+        let mut without = tc.clone();
+        without.spec.pod_disruption_budget = None;
+        let steps = vec![
+            Step::get(u.secret(), seen[1].body.clone()),
+            Step::get(u.deployment(), seen[3].body.clone()),
+            Step::get(u.pdb(), seen[5].body.clone()),
+            Step::new(
+                Method::DELETE,
+                format!("{}?", u.pdb()),
+                StatusCode::OK,
+                Some(seen[5].body.clone()),
+            ),
+        ];
+
+        let (result, _, _) = converse(api, steps, reconcile_one(&without, &ctx)).await;
+
+        result.unwrap();
+    }
+
+    #[test]
+    fn backoff_doubles_from_one_second_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(
+            delays,
+            vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]
+        );
+    }
+
+    #[test]
+    fn budget_config_follows_the_spec_and_paused_expects_no_members() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let v = validate(&tc.spec).unwrap();
+        let c = budget_config(&v);
+        assert_eq!(c.capacity, Share::new(11.0, 5));
+        assert_eq!(
+            (c.expected_members, c.lease_ms, c.refresh_ms, c.fallback_ms),
+            (3, 10_000, 1_000, 30_000)
+        );
+        let mut paused = tc.spec.clone();
+        paused.paused = true;
+        assert_eq!(
+            budget_config(&validate(&paused).unwrap()).expected_members,
+            0
+        );
+    }
+}
