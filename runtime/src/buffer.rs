@@ -1,0 +1,322 @@
+//! The bounded buffer between the Kafka consumer and the dispatcher, and the ordering
+//! rule that decides which buffered message may go next.
+//!
+//! Messages wait per partition in offset order. [`Buffer::pop_ready`] walks partitions
+//! round-robin (so one hot partition cannot starve the others) and returns the first
+//! message whose ordering key is free:
+//!
+//! - `none`: the head of the next non-empty partition;
+//! - `partition`: the head of a partition with nothing in flight;
+//! - `key`: the earliest message of a partition whose key is neither in flight nor held
+//!   by an earlier buffered message, so each key's messages go one at a time, in offset
+//!   order. Messages without a key are not ordered.
+//!
+//! A popped message keeps its key (or partition) busy until [`Buffer::release`].
+//! Pure: no I/O, no locking; the pipeline holds it under its mutex. The byte and message
+//! bounds are enforced by the caller pausing the consumer (see [`Buffer::is_full`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::Ordering;
+use crate::message::{Message, TopicPartition};
+
+/// How far into a partition's queue `key` ordering looks for a free key. Bounded so a
+/// long run of one busy key costs O(limit) per pop, not O(buffer); 1024 covers the
+/// default buffer of 1000 messages.
+const KEY_SCAN_LIMIT: usize = 1024;
+
+/// Who holds a busy key: the partition and offset of the message in flight.
+type Holder = (TopicPartition, i64);
+
+#[derive(Debug)]
+pub struct Buffer {
+    ordering: Ordering,
+    queues: HashMap<TopicPartition, VecDeque<Message>>,
+    /// Partitions in round-robin order; `cursor` is where the next scan starts.
+    order: Vec<TopicPartition>,
+    cursor: usize,
+    busy_keys: HashMap<(Arc<str>, Bytes), Holder>,
+    busy_partitions: HashSet<TopicPartition>,
+    len: usize,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Buffer {
+    pub fn new(ordering: Ordering, max_messages: usize, max_bytes: usize) -> Self {
+        Self {
+            ordering,
+            queues: HashMap::new(),
+            order: Vec::new(),
+            cursor: 0,
+            busy_keys: HashMap::new(),
+            busy_partitions: HashSet::new(),
+            len: 0,
+            bytes: 0,
+            max_messages,
+            max_bytes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// At or above either bound: the consumer should pause.
+    pub fn is_full(&self) -> bool {
+        self.len >= self.max_messages || self.bytes >= self.max_bytes
+    }
+
+    /// At or below half of both bounds: a paused consumer may resume. Half leaves room
+    /// for one fetch to land without pausing again at once.
+    pub fn below_low_water(&self) -> bool {
+        self.len <= self.max_messages / 2 && self.bytes <= self.max_bytes / 2
+    }
+
+    /// Free room before the message bound.
+    pub fn room(&self) -> usize {
+        self.max_messages.saturating_sub(self.len)
+    }
+
+    pub fn push(&mut self, msg: Message) {
+        self.len += 1;
+        self.bytes += msg.size();
+        match self.queues.get_mut(&msg.tp) {
+            Some(q) => q.push_back(msg),
+            None => {
+                self.order.push(msg.tp.clone());
+                self.queues.insert(msg.tp.clone(), VecDeque::from([msg]));
+            }
+        }
+    }
+
+    /// The next message allowed by the ordering rule, marked busy.
+    pub fn pop_ready(&mut self) -> Option<Message> {
+        if self.len == 0 {
+            return None;
+        }
+        let n = self.order.len();
+        for step in 0..n {
+            let i = (self.cursor + step) % n;
+            let tp = &self.order[i];
+            let Some(queue) = self.queues.get_mut(tp) else {
+                continue;
+            };
+            let index = match self.ordering {
+                Ordering::None => (!queue.is_empty()).then_some(0),
+                Ordering::Partition => {
+                    (!queue.is_empty() && !self.busy_partitions.contains(tp)).then_some(0)
+                }
+                Ordering::Key => first_free_key(queue, &self.busy_keys),
+            };
+            let Some(index) = index else { continue };
+            let msg = queue.remove(index)?;
+            self.cursor = (i + 1) % n;
+            self.len -= 1;
+            self.bytes -= msg.size();
+            match self.ordering {
+                Ordering::None => {}
+                Ordering::Partition => {
+                    self.busy_partitions.insert(msg.tp.clone());
+                }
+                Ordering::Key => {
+                    if let Some(k) = &msg.key {
+                        self.busy_keys.insert(
+                            (msg.tp.topic.clone(), k.clone()),
+                            (msg.tp.clone(), msg.offset),
+                        );
+                    }
+                }
+            }
+            return Some(msg);
+        }
+        None
+    }
+
+    /// Frees the key or partition held by a message popped earlier. A release from a
+    /// stale holder (a revoked assignment's late worker) does not free a key that a newer
+    /// message holds.
+    pub fn release(&mut self, tp: &TopicPartition, key: Option<&Bytes>, offset: i64) {
+        match self.ordering {
+            Ordering::None => {}
+            Ordering::Partition => {
+                self.busy_partitions.remove(tp);
+            }
+            Ordering::Key => {
+                if let Some(k) = key {
+                    let id = (tp.topic.clone(), k.clone());
+                    if self
+                        .busy_keys
+                        .get(&id)
+                        .is_some_and(|(htp, ho)| htp == tp && *ho == offset)
+                    {
+                        self.busy_keys.remove(&id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops every buffered message of `tp` and its busy marks; returns how many messages
+    /// were dropped. Used on revoke: those messages are uncommitted and will be fetched
+    /// again by the partition's next owner.
+    pub fn drop_partition(&mut self, tp: &TopicPartition) -> usize {
+        self.busy_partitions.remove(tp);
+        self.busy_keys.retain(|_, (htp, _)| htp != tp);
+        let Some(queue) = self.queues.remove(tp) else {
+            return 0;
+        };
+        self.order.retain(|t| t != tp);
+        self.cursor = 0;
+        let dropped = queue.len();
+        self.len -= dropped;
+        self.bytes -= queue.iter().map(Message::size).sum::<usize>();
+        dropped
+    }
+
+    /// Drops everything (shutdown).
+    pub fn clear(&mut self) -> usize {
+        let tps: Vec<_> = self.order.clone();
+        tps.iter().map(|tp| self.drop_partition(tp)).sum()
+    }
+}
+
+fn first_free_key(
+    queue: &VecDeque<Message>,
+    busy: &HashMap<(Arc<str>, Bytes), Holder>,
+) -> Option<usize> {
+    // Keys seen earlier in this scan are held by an earlier buffered message.
+    let mut held: HashSet<&Bytes> = HashSet::new();
+    for (i, m) in queue.iter().take(KEY_SCAN_LIMIT).enumerate() {
+        let Some(k) = &m.key else { return Some(i) };
+        if !held.contains(k) && !busy.contains_key(&(m.tp.topic.clone(), k.clone())) {
+            return Some(i);
+        }
+        held.insert(k);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::test_message as msg;
+    use proptest::prelude::*;
+
+    fn offsets(popped: &[Message]) -> Vec<(i32, i64)> {
+        popped.iter().map(|m| (m.tp.partition, m.offset)).collect()
+    }
+
+    #[test]
+    fn unordered_pops_round_robin_across_partitions() {
+        let mut b = Buffer::new(Ordering::None, 100, 1 << 20);
+        for o in 0..2 {
+            b.push(msg(0, o, None));
+            b.push(msg(1, o, None));
+        }
+        let popped: Vec<_> = std::iter::from_fn(|| b.pop_ready()).collect();
+        assert_eq!(offsets(&popped), vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+        assert!(b.is_empty());
+        assert_eq!(b.bytes(), 0);
+    }
+
+    #[test]
+    fn partition_ordering_allows_one_message_per_partition_until_released() {
+        let mut b = Buffer::new(Ordering::Partition, 100, 1 << 20);
+        b.push(msg(0, 0, None));
+        b.push(msg(0, 1, None));
+        let first = b.pop_ready().unwrap();
+        assert!(b.pop_ready().is_none());
+        b.release(&first.tp, None, first.offset);
+        assert_eq!(b.pop_ready().unwrap().offset, 1);
+    }
+
+    #[test]
+    fn key_ordering_skips_a_busy_key_but_never_reorders_within_a_key() {
+        let mut b = Buffer::new(Ordering::Key, 100, 1 << 20);
+        b.push(msg(0, 0, Some("a")));
+        b.push(msg(0, 1, Some("a")));
+        b.push(msg(0, 2, Some("b")));
+        let a0 = b.pop_ready().unwrap();
+        assert_eq!(a0.offset, 0);
+        // a@1 waits for a@0; b@2 may go.
+        assert_eq!(b.pop_ready().unwrap().offset, 2);
+        assert!(b.pop_ready().is_none());
+        b.release(&a0.tp, a0.key.as_ref(), a0.offset);
+        assert_eq!(b.pop_ready().unwrap().offset, 1);
+    }
+
+    #[test]
+    fn a_stale_release_does_not_free_a_key_held_by_a_newer_message() {
+        let mut b = Buffer::new(Ordering::Key, 100, 1 << 20);
+        b.push(msg(0, 0, Some("a")));
+        let old = b.pop_ready().unwrap();
+        b.drop_partition(&old.tp);
+        b.push(msg(0, 0, Some("a")));
+        b.push(msg(0, 1, Some("a")));
+        let new = b.pop_ready().unwrap();
+        b.release(&old.tp, old.key.as_ref(), 99);
+        assert!(b.pop_ready().is_none());
+        b.release(&new.tp, new.key.as_ref(), new.offset);
+        assert_eq!(b.pop_ready().unwrap().offset, 1);
+    }
+
+    #[test]
+    fn dropping_a_partition_removes_its_messages_and_bytes() {
+        let mut b = Buffer::new(Ordering::None, 2, 1 << 20);
+        b.push(msg(0, 0, None));
+        b.push(msg(1, 0, None));
+        assert!(b.is_full());
+        assert_eq!(b.drop_partition(&TopicPartition::new("t", 0)), 1);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.bytes(), 1);
+        assert!(!b.is_full());
+        assert_eq!(b.pop_ready().unwrap().tp.partition, 1);
+    }
+
+    proptest! {
+        /// With key ordering, popping and releasing in any interleaving never has two
+        /// messages of one key out at once and hands out each key's offsets in order.
+        #[test]
+        fn key_ordering_never_overlaps_or_reorders_a_key(
+            keys in proptest::collection::vec(0u8..4, 1..80),
+            releases in proptest::collection::vec(any::<bool>(), 1..200),
+        ) {
+            let mut b = Buffer::new(Ordering::Key, 1000, 1 << 20);
+            for (o, k) in keys.iter().enumerate() {
+                let key = format!("k{k}");
+                b.push(msg((o % 2) as i32, o as i64, Some(&key)));
+            }
+            let mut out: Vec<Message> = Vec::new();
+            let mut last: HashMap<(i32, Bytes), i64> = HashMap::new();
+            let mut done = 0;
+            for release in releases.iter().copied().chain(std::iter::repeat(true).take(400)) {
+                if release && !out.is_empty() {
+                    let m = out.remove(0);
+                    b.release(&m.tp, m.key.as_ref(), m.offset);
+                } else if let Some(m) = b.pop_ready() {
+                    let k = m.key.clone().unwrap();
+                    prop_assert!(out.iter().all(|o| o.key.as_ref() != Some(&k)));
+                    if let Some(prev) = last.insert((m.tp.partition, k), m.offset) {
+                        prop_assert!(prev < m.offset);
+                    }
+                    out.push(m);
+                    done += 1;
+                }
+            }
+            prop_assert_eq!(done, keys.len());
+        }
+    }
+}

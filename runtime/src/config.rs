@@ -1,0 +1,584 @@
+//! Command line and environment configuration, validated before anything starts.
+//!
+//! Every flag of `pacer run` can also come from an environment variable, because the
+//! operator configures pods through env. Per-flag checks are clap value parsers, so a bad
+//! value is reported as `invalid value 'X' for '--flag': <what is accepted>` with exit
+//! code 2. Checks that involve several flags live in [`RunArgs::validate`], which turns
+//! the raw flags into a [`RunConfig`] (pure; no I/O except reading the token file).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// `pacer`: one replica of a globally throttled Kafka consumer fleet.
+#[derive(Debug, Parser)]
+#[command(name = "pacer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume Kafka topics and deliver each message to a sink under a rate and in-flight budget.
+    Run(Box<RunArgs>),
+    /// Serve the lease protocol for the budgets listed in a YAML file (no Kubernetes).
+    Coordinator(CoordinatorArgs),
+    /// Run a local fleet on an embedded broker and print the sink rate against the budget.
+    Demo(DemoArgs),
+}
+
+/// Message ordering enforced by the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Ordering {
+    /// Any number of messages of a partition in flight at once.
+    None,
+    /// At most one message per key in flight; a key's messages go in offset order.
+    Key,
+    /// At most one message per partition in flight.
+    Partition,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "PACER_BOOTSTRAP_SERVERS", value_parser = non_empty)]
+    pub bootstrap_servers: String,
+    /// Topic to consume (repeatable; comma-separated in the env var).
+    #[arg(long = "topic", env = "PACER_TOPICS", value_delimiter = ',', required = true, value_parser = non_empty)]
+    pub topics: Vec<String>,
+    /// Consumer group id.
+    #[arg(long, env = "PACER_GROUP_ID", value_parser = non_empty)]
+    pub group_id: String,
+    /// Extra librdkafka property `key=value` (repeatable; comma-separated in the env var).
+    #[arg(long = "kafka-config", env = "PACER_KAFKA_CONFIG", value_delimiter = ',', value_parser = key_value)]
+    pub kafka_config: Vec<(String, String)>,
+
+    /// Coordinator base URL (`http://host:port`); with it the budget is leased.
+    #[arg(long, env = "PACER_COORDINATOR", value_parser = http_url)]
+    pub coordinator: Option<String>,
+    /// Budget to lease from, `namespace/name`.
+    #[arg(long, env = "PACER_BUDGET", value_parser = budget_id)]
+    pub budget: Option<(String, String)>,
+    /// File holding the budget's bearer token.
+    #[arg(long, env = "PACER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// This replica's member name (the pod name); defaults to $HOSTNAME.
+    #[arg(long, env = "PACER_MEMBER")]
+    pub member: Option<String>,
+
+    /// Standalone rate budget in messages per second, or `unlimited`.
+    #[arg(long, env = "PACER_RATE", value_parser = rate, allow_negative_numbers = true)]
+    pub rate: Option<f64>,
+    /// Standalone in-flight budget.
+    #[arg(long, env = "PACER_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight: Option<u32>,
+    /// Token-bucket burst: messages that may go at once after an idle period.
+    #[arg(long, env = "PACER_BURST", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub burst: u32,
+    /// Ordering of deliveries.
+    #[arg(long, env = "PACER_ORDERING", value_enum, default_value_t = Ordering::None)]
+    pub ordering: Ordering,
+    /// Buffered messages at which the assigned partitions are paused.
+    #[arg(long, env = "PACER_BUFFER_MESSAGES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub buffer_messages: u32,
+    /// Buffered bytes (keys + values) at which the assigned partitions are paused.
+    #[arg(long, env = "PACER_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 40)))]
+    pub buffer_bytes: u64,
+
+    /// Where messages go: `http://HOST:PORT/PATH`, `kafka:TOPIC`, `stdout` or `null`.
+    #[arg(long, env = "PACER_SINK", value_parser = sink)]
+    pub sink: SinkSpec,
+    /// Timeout of one sink call (`500ms`, `5s`, `1m`).
+    #[arg(long, env = "PACER_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub timeout: Duration,
+    /// Attempts before a failing message goes to the dead-letter topic.
+    #[arg(long, env = "PACER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_attempts: u32,
+    /// First retry delay; doubled per attempt.
+    #[arg(long, env = "PACER_RETRY_INITIAL_DELAY", default_value = "100ms", value_parser = duration)]
+    pub retry_initial_delay: Duration,
+    /// Largest retry delay.
+    #[arg(long, env = "PACER_RETRY_MAX_DELAY", default_value = "10s", value_parser = duration)]
+    pub retry_max_delay: Duration,
+    /// Topic for messages that failed permanently; without it they are retried forever.
+    #[arg(long, env = "PACER_DEAD_LETTER_TOPIC", value_parser = non_empty)]
+    pub dead_letter_topic: Option<String>,
+    /// How long shutdown and partition revocation wait for in-flight work.
+    #[arg(long, env = "PACER_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`).
+    #[arg(long, env = "PACER_ADMIN_ADDR", default_value = "0.0.0.0:9090", value_parser = socket_addr)]
+    pub admin_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "PACER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve the lease protocol on.
+    #[arg(long, env = "PACER_LISTEN", default_value = "0.0.0.0:8080", value_parser = socket_addr)]
+    pub listen: SocketAddr,
+    /// YAML file listing the budgets (re-read on SIGHUP).
+    #[arg(long, env = "PACER_BUDGETS")]
+    pub budgets: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Global budget in messages per second.
+    #[arg(long, default_value_t = 50.0, value_parser = rate)]
+    pub budget: f64,
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub replicas: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration: u64,
+    /// Write the per-second series as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Where delivered messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    Http(String),
+    Kafka(String),
+    Stdout,
+    Null,
+}
+
+impl fmt::Display for SinkSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkSpec::Http(url) => f.write_str(url),
+            SinkSpec::Kafka(t) => write!(f, "kafka:{t}"),
+            SinkSpec::Stdout => f.write_str("stdout"),
+            SinkSpec::Null => f.write_str("null"),
+        }
+    }
+}
+
+/// Where the budget comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetSource {
+    /// Fixed limits; `rate` may be infinite (`--rate unlimited`).
+    Standalone { rate: f64, in_flight: u32 },
+    /// Leased from a coordinator.
+    Leased {
+        base_url: String,
+        namespace: String,
+        name: String,
+        token: String,
+        member: String,
+    },
+}
+
+/// Retry policy of the worker (see [`crate::outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// A validated `pacer run` configuration.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub bootstrap_servers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub kafka_config: Vec<(String, String)>,
+    pub budget: BudgetSource,
+    pub burst: u32,
+    pub ordering: Ordering,
+    pub buffer_messages: usize,
+    pub buffer_bytes: usize,
+    pub sink: SinkSpec,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub dead_letter_topic: Option<String>,
+    pub shutdown_grace: Duration,
+    pub admin_addr: Option<SocketAddr>,
+}
+
+/// A configuration that names flags in a way clap alone cannot check.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value for '{flag}': {message}")]
+    Invalid { flag: &'static str, message: String },
+    #[error("cannot read '--token-file' {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(flag: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        message: message.into(),
+    }
+}
+
+impl RunArgs {
+    /// Checks the rules that span several flags and builds the [`RunConfig`].
+    pub fn validate(self) -> Result<RunConfig, ConfigError> {
+        // Destructured so that a new flag that is not used here fails to compile.
+        let RunArgs {
+            bootstrap_servers,
+            topics,
+            group_id,
+            kafka_config,
+            coordinator,
+            budget,
+            token_file,
+            member,
+            rate,
+            max_in_flight,
+            burst,
+            ordering,
+            buffer_messages,
+            buffer_bytes,
+            sink,
+            timeout,
+            max_attempts,
+            retry_initial_delay,
+            retry_max_delay,
+            dead_letter_topic,
+            shutdown_grace,
+            admin_addr,
+            log_format: _,
+        } = self;
+
+        let budget = match (coordinator, rate) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "--rate",
+                    "a standalone rate cannot be combined with '--coordinator'; pass one of them",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "--rate",
+                    "missing: pass '--rate N' (standalone) or '--coordinator URL --budget NS/NAME --token-file PATH'",
+                ))
+            }
+            (None, Some(rate)) => BudgetSource::Standalone {
+                rate,
+                in_flight: max_in_flight.unwrap_or(16),
+            },
+            (Some(base_url), None) => {
+                let (namespace, name) = budget.ok_or_else(|| {
+                    invalid("--budget", "missing: '--coordinator' needs '--budget NS/NAME'")
+                })?;
+                let path = token_file.ok_or_else(|| {
+                    invalid(
+                        "--token-file",
+                        "missing: '--coordinator' needs '--token-file PATH'",
+                    )
+                })?;
+                let token = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::TokenFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string();
+                if token.is_empty() {
+                    return Err(invalid("--token-file", format!("{} is empty", path.display())));
+                }
+                let member = member
+                    .or_else(|| std::env::var("HOSTNAME").ok())
+                    .unwrap_or_default();
+                member_name(&member).map_err(|m| invalid("--member", m))?;
+                BudgetSource::Leased {
+                    base_url,
+                    namespace,
+                    name,
+                    token,
+                    member,
+                }
+            }
+        };
+        if retry_initial_delay > retry_max_delay {
+            return Err(invalid(
+                "--retry-initial-delay",
+                format!(
+                    "{retry_initial_delay:?} is larger than '--retry-max-delay' {retry_max_delay:?}"
+                ),
+            ));
+        }
+        if timeout.is_zero() {
+            return Err(invalid("--timeout", "0s: must be > 0"));
+        }
+        let reserved = ["group.id", "bootstrap.servers", "enable.auto.offset.store"];
+        if let Some((k, _)) = kafka_config
+            .iter()
+            .find(|(k, _)| reserved.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                "--kafka-config",
+                format!("'{k}' is set by pacer itself (use the dedicated flag, or none: offsets are stored only after delivery)"),
+            ));
+        }
+        Ok(RunConfig {
+            bootstrap_servers,
+            topics,
+            group_id,
+            kafka_config,
+            budget,
+            burst,
+            ordering,
+            buffer_messages: buffer_messages as usize,
+            buffer_bytes: usize::try_from(buffer_bytes).unwrap_or(usize::MAX),
+            sink,
+            timeout,
+            retry: RetryPolicy {
+                max_attempts,
+                initial_delay: retry_initial_delay,
+                max_delay: retry_max_delay,
+            },
+            dead_letter_topic,
+            shutdown_grace,
+            admin_addr: Some(admin_addr),
+        })
+    }
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(t.to_string())
+    }
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err("expected a librdkafka property as key=value".into()),
+    }
+}
+
+fn http_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("http://")
+        .ok_or("expected http://HOST:PORT (the coordinator speaks plain HTTP)")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("expected http://HOST:PORT with a host".into());
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+fn budget_id(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err("expected NAMESPACE/NAME".into()),
+    }
+}
+
+/// Accepts a positive finite number or `unlimited` (returned as infinity).
+pub fn rate(s: &str) -> Result<f64, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(f64::INFINITY);
+    }
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
+        _ => Err("expected messages per second: a number > 0 and <= 1e9, or 'unlimited'".into()),
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number means seconds).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let accepted = "expected a duration such as 250ms, 5s, 2m or 1h";
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| accepted.to_string())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(accepted.into()),
+    };
+    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
+        return Err(format!("{accepted}, at most one year"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn sink(s: &str) -> Result<SinkSpec, String> {
+    let accepted = "expected http://HOST:PORT/PATH, kafka:TOPIC, stdout or null";
+    match s {
+        "stdout" => Ok(SinkSpec::Stdout),
+        "null" => Ok(SinkSpec::Null),
+        _ if s.starts_with("http://") => {
+            let host = &s["http://".len()..];
+            if host.is_empty() || host.starts_with('/') {
+                return Err(accepted.into());
+            }
+            reqwest::Url::parse(s).map_err(|e| format!("{accepted} ({e})"))?;
+            Ok(SinkSpec::Http(s.to_string()))
+        }
+        _ => match s.strip_prefix("kafka:") {
+            Some(t) if !t.is_empty() => Ok(SinkSpec::Kafka(t.to_string())),
+            _ => Err(accepted.into()),
+        },
+    }
+}
+
+fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| "expected IP:PORT such as 0.0.0.0:9090".into())
+}
+
+/// A member name is 1 to 253 characters of `[A-Za-z0-9._-]` (pod names qualify); this
+/// mirrors the coordinator's check so a bad name fails at start-up, not at the first lease.
+fn member_name(m: &str) -> Result<(), String> {
+    if m.is_empty() || m.len() > 253 {
+        return Err(format!(
+            "'{m}': expected 1 to 253 characters (set --member or $HOSTNAME)"
+        ));
+    }
+    if m.chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "'{m}': only letters, digits, '.', '-' and '_' are accepted"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pacer").chain(args.iter().copied()))
+    }
+
+    const BASE: &[&str] = &[
+        "run",
+        "--bootstrap-servers",
+        "k:9092",
+        "--topic",
+        "t",
+        "--group-id",
+        "g",
+        "--sink",
+        "null",
+    ];
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let args: Vec<&str> = BASE.iter().chain(extra).copied().collect();
+        match parse(&args)?.command {
+            Command::Run(r) => Ok(*r),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn durations_accept_common_units_and_reject_garbage() {
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(duration("3"), Ok(Duration::from_secs(3)));
+        assert!(duration("5x").is_err());
+        assert!(duration("").is_err());
+        assert!(duration("-1s").is_err());
+    }
+
+    #[test]
+    fn a_negative_rate_is_refused_naming_the_flag_the_value_and_the_range() {
+        let err = run_args(&["--rate", "-5"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(text.contains("--rate"), "{text}");
+        assert!(text.contains("-5"), "{text}");
+        assert!(text.contains("> 0"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_sink_is_refused_listing_the_accepted_forms() {
+        let args: Vec<&str> = BASE[..BASE.len() - 1]
+            .iter()
+            .copied()
+            .chain(["ftp://x", "--rate", "5"])
+            .collect();
+        let text = parse(&args).unwrap_err().to_string();
+        assert!(
+            text.contains("ftp://x") && text.contains("kafka:TOPIC"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rate_and_coordinator_together_are_refused() {
+        let err = run_args(&["--rate", "5", "--coordinator", "http://c:8080"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--rate"), "{err}");
+    }
+
+    #[test]
+    fn a_standalone_config_defaults_to_sixteen_in_flight_and_unordered() {
+        let c = run_args(&["--rate", "unlimited"])
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            c.budget,
+            BudgetSource::Standalone {
+                rate: f64::INFINITY,
+                in_flight: 16
+            }
+        );
+        assert_eq!(c.ordering, Ordering::None);
+    }
+
+    #[test]
+    fn kafka_config_refuses_the_offset_store_switch() {
+        let err = run_args(&[
+            "--rate",
+            "5",
+            "--kafka-config",
+            "enable.auto.offset.store=true",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("enable.auto.offset.store"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_retry_initial_delay_above_the_maximum_is_refused() {
+        let err = run_args(&["--rate", "5", "--retry-initial-delay", "20s"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--retry-initial-delay"), "{err}");
+    }
+}

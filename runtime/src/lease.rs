@@ -1,0 +1,140 @@
+//! The replica's current allowance (rate and in-flight) and how it reaches the
+//! dispatcher, plus the demand this replica reports to the coordinator.
+//!
+//! The allowance arrives on a `watch` channel, from a fixed standalone value or from the
+//! budget client's lease; [`follow`] applies every change to the rate limiter and the
+//! in-flight limit at once. [`demand`] is pure.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::pipeline::Shared;
+use crate::rate::RateLimiter;
+
+/// Where the current allowance comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowanceSource {
+    /// `--rate` / `--max-in-flight`.
+    Standalone,
+    /// No lease yet: nothing may be delivered.
+    Pending,
+    /// A lease granted by the coordinator.
+    Granted,
+    /// The lease expired without renewal: running on the fallback share.
+    Fallback,
+}
+
+impl AllowanceSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllowanceSource::Standalone => "standalone",
+            AllowanceSource::Pending => "pending",
+            AllowanceSource::Granted => "granted",
+            AllowanceSource::Fallback => "fallback",
+        }
+    }
+}
+
+/// What this replica may use right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Allowance {
+    /// Messages per second; infinite means unlimited.
+    pub rate: f64,
+    pub in_flight: u32,
+    pub source: AllowanceSource,
+}
+
+impl Allowance {
+    pub fn standalone(rate: f64, in_flight: u32) -> Self {
+        Self {
+            rate,
+            in_flight,
+            source: AllowanceSource::Standalone,
+        }
+    }
+
+    pub const PENDING: Allowance = Allowance {
+        rate: 0.0,
+        in_flight: 0,
+        source: AllowanceSource::Pending,
+    };
+}
+
+/// Applies every allowance change to the limiter and the in-flight limit until the
+/// sender goes away.
+pub async fn follow(
+    mut rx: watch::Receiver<Allowance>,
+    shared: Arc<Shared>,
+    limiter: Arc<RateLimiter>,
+) {
+    loop {
+        let a = *rx.borrow_and_update();
+        limiter.set_rate(a.rate);
+        shared
+            .in_flight_limit
+            .store(a.in_flight, AtomicOrdering::Relaxed);
+        let m = &shared.metrics;
+        m.granted_rate.set(a.rate);
+        m.granted_in_flight.set(i64::from(a.in_flight));
+        m.fallback
+            .set(i64::from(a.source == AllowanceSource::Fallback));
+        shared.wake.notify_one();
+        info!(
+            rate = a.rate,
+            in_flight = a.in_flight,
+            source = a.source.as_str(),
+            "Allowance applied"
+        );
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Demand reported when there is a backlog: "as much as you can give"; the coordinator
+/// caps it at the budget. Finite because the protocol refuses non-finite numbers.
+pub const DEMAND_ALL_RATE: f64 = 1e9;
+pub const DEMAND_ALL_IN_FLIGHT: u32 = 1_000_000;
+
+/// Headroom over the recent arrival rate when idle, so a growing stream gets its share
+/// one refresh before it builds a backlog.
+pub const IDLE_HEADROOM: f64 = 1.5;
+
+/// What this replica could use now. With a backlog (messages buffered or lag): all it
+/// can get. Idle: the recent arrival rate with headroom (at least 1 msg/s, so a quiet
+/// replica still receives a trickle), and the in-flight that rate needs at the observed
+/// sink latency (Little's law).
+pub fn demand(backlog: bool, arrival_rate: f64, mean_latency_secs: f64) -> (f64, u32) {
+    if backlog {
+        return (DEMAND_ALL_RATE, DEMAND_ALL_IN_FLIGHT);
+    }
+    let rate = (arrival_rate.max(0.0) * IDLE_HEADROOM).max(1.0);
+    let in_flight = (rate * mean_latency_secs.max(0.0)).ceil().max(1.0);
+    (rate, in_flight.min(f64::from(DEMAND_ALL_IN_FLIGHT)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_with_a_backlog_asks_for_everything() {
+        assert_eq!(
+            demand(true, 3.0, 0.1),
+            (DEMAND_ALL_RATE, DEMAND_ALL_IN_FLIGHT)
+        );
+    }
+
+    #[test]
+    fn an_idle_replica_asks_for_its_arrival_rate_with_headroom() {
+        assert_eq!(demand(false, 100.0, 0.02), (150.0, 3));
+    }
+
+    #[test]
+    fn a_silent_replica_still_asks_for_a_trickle() {
+        assert_eq!(demand(false, 0.0, 0.0), (1.0, 1));
+    }
+}

@@ -1,0 +1,171 @@
+//! The leased allowance: the budget client's lease turned into an [`Allowance`], and
+//! this replica's demand fed back to it.
+
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pacer_budget::client::{self, ClientConfig, Demand, Lease, LeaseHandle, LeaseSource};
+use pacer_budget::Share;
+use tokio::sync::watch;
+
+use crate::lease::{demand, Allowance, AllowanceSource};
+use crate::metrics::ResultLabels;
+use crate::pipeline::Shared;
+use crate::DEMAND_EVERY;
+
+/// Where to lease from.
+#[derive(Debug, Clone)]
+pub struct LeasedConfig {
+    pub base_url: String,
+    pub namespace: String,
+    pub name: String,
+    pub token: String,
+    pub member: String,
+}
+
+/// A running budget client plus the channels around it.
+pub struct Leased {
+    handle: LeaseHandle,
+    demand: watch::Sender<Demand>,
+    allowance: watch::Receiver<Allowance>,
+}
+
+impl std::fmt::Debug for Leased {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leased")
+            .field("allowance", &*self.allowance.borrow())
+            .finish()
+    }
+}
+
+/// The demand side, handed to [`report_demand`].
+#[derive(Debug, Clone)]
+pub struct DemandSink {
+    demand: watch::Sender<Demand>,
+    stats: Arc<client::ClientStats>,
+}
+
+/// Maps the client's lease to an allowance. A lease that has not arrived yet is
+/// `Pending` (nothing is delivered until the coordinator answers).
+pub fn to_allowance(lease: &Lease) -> Allowance {
+    let source = match lease.source {
+        LeaseSource::None => AllowanceSource::Pending,
+        LeaseSource::Granted => AllowanceSource::Granted,
+        LeaseSource::Fallback => AllowanceSource::Fallback,
+    };
+    Allowance {
+        rate: lease.share.rate.max(0.0),
+        in_flight: lease.share.in_flight,
+        source,
+    }
+}
+
+impl Leased {
+    /// Starts the budget client on the current runtime.
+    pub fn start(c: LeasedConfig) -> Leased {
+        let (demand_tx, demand_rx) = watch::channel(Demand {
+            demand: Share {
+                rate: 1.0,
+                in_flight: 1,
+            },
+            observed_rate: None,
+        });
+        let handle = client::spawn(
+            ClientConfig {
+                base_url: c.base_url,
+                namespace: c.namespace,
+                name: c.name,
+                token: c.token,
+                member: c.member,
+            },
+            demand_rx,
+        );
+        let mut lease = handle.lease();
+        let (tx, rx) = watch::channel(to_allowance(&lease.borrow_and_update()));
+        tokio::spawn(async move {
+            while lease.changed().await.is_ok() {
+                let a = to_allowance(&lease.borrow_and_update());
+                tx.send_if_modified(|cur| {
+                    let changed = *cur != a;
+                    *cur = a;
+                    changed
+                });
+            }
+        });
+        Leased {
+            handle,
+            demand: demand_tx,
+            allowance: rx,
+        }
+    }
+
+    pub fn allowance(&self) -> watch::Receiver<Allowance> {
+        self.allowance.clone()
+    }
+
+    pub fn clone_demand(&self) -> DemandSink {
+        DemandSink {
+            demand: self.demand.clone(),
+            stats: self.handle.stats(),
+        }
+    }
+
+    /// Gives the lease back at once (so other replicas get its share now, not at expiry).
+    pub async fn release(self) {
+        self.handle.release().await;
+    }
+}
+
+/// Every [`DEMAND_EVERY`], recomputes what this replica could use and mirrors the
+/// client's refresh counters into the metrics. Ends when the client is gone.
+pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
+    let mut last_arrivals = shared.arrivals.load(AtomicOrdering::Relaxed);
+    let mut last_latency = (0u64, 0u64);
+    let mut last_at = Instant::now();
+    let mut rate_ewma = 0.0f64;
+    let mut tick = tokio::time::interval(DEMAND_EVERY);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
+        last_at = now;
+        let arrivals = shared.arrivals.load(AtomicOrdering::Relaxed);
+        let rate = (arrivals - last_arrivals) as f64 / dt;
+        last_arrivals = arrivals;
+        // Smooth over a few seconds so one quiet second does not drop the share.
+        rate_ewma = 0.7 * rate_ewma + 0.3 * rate;
+        let lat = (
+            shared.latency_us.load(AtomicOrdering::Relaxed),
+            shared.latency_count.load(AtomicOrdering::Relaxed),
+        );
+        let mean_latency = if lat.1 > last_latency.1 {
+            (lat.0 - last_latency.0) as f64 / 1e6 / (lat.1 - last_latency.1) as f64
+        } else {
+            0.0
+        };
+        last_latency = lat;
+        let backlog = {
+            let core = shared.lock();
+            !core.buffer.is_empty()
+        } || shared.metrics.paused_partitions.get() > 0;
+        let (d_rate, d_in_flight) = demand(backlog, rate_ewma, mean_latency);
+        let sent = sink.demand.send(Demand {
+            demand: Share {
+                rate: d_rate,
+                in_flight: d_in_flight,
+            },
+            observed_rate: Some(rate_ewma),
+        });
+        let m = &shared.metrics;
+        m.lease_refreshes
+            .get_or_create(&ResultLabels { result: "ok" })
+            .set(sink.stats.refresh_ok.load(AtomicOrdering::Relaxed) as i64);
+        m.lease_refreshes
+            .get_or_create(&ResultLabels { result: "error" })
+            .set(sink.stats.refresh_error.load(AtomicOrdering::Relaxed) as i64);
+        if sent.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,481 @@
+//! The shared state between the Kafka thread, the dispatcher and the workers, and the
+//! two async loops: the dispatcher (pull) and the worker (one message, with retries).
+//!
+//! ```text
+//!  kafka thread --push--> Core{buffer, tracker} --pop_ready--> dispatcher
+//!                                 ^                               | rate permit
+//!                                 |                               | in-flight slot
+//!                                 +--------complete-------- worker (sink, retries, DLQ)
+//! ```
+//!
+//! Everything that decides lives in pure modules ([`crate::buffer`],
+//! [`crate::offsets`], [`crate::rate`], [`crate::outcome`]); this module only moves
+//! messages between them under one mutex. The mutex is a `std` one: critical sections
+//! are short and the Kafka thread (not async) takes it too.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureProducer;
+use tokio::sync::Notify;
+use tracing::{trace, warn};
+
+use crate::buffer::Buffer;
+use crate::config::{Ordering, RetryPolicy};
+use crate::message::{Message, TopicPartition};
+use crate::metrics::Metrics;
+use crate::offsets::OffsetTracker;
+use crate::outcome::{backoff, decide, Attempt, Decision};
+use crate::rate::RateLimiter;
+use crate::sink::{dead_letter_headers, produce, Sink};
+
+/// State guarded by [`Shared::core`].
+#[derive(Debug)]
+pub struct Core {
+    pub buffer: Buffer,
+    pub tracker: OffsetTracker<TopicPartition>,
+    /// Assigned partitions and the generation of their current assignment.
+    pub assigned: HashMap<TopicPartition, u64>,
+    /// Partitions being revoked: their workers stop retrying and give up.
+    pub revoking: HashSet<TopicPartition>,
+    /// Messages handed to workers, per partition and generation.
+    pub in_flight: HashMap<(TopicPartition, u64), u32>,
+    pub in_flight_total: u32,
+    /// Committable offsets not yet stored in the consumer (the Kafka thread stores them).
+    pub to_store: HashMap<TopicPartition, i64>,
+    next_generation: u64,
+    /// Set at shutdown: nothing more is dispatched.
+    pub stopping: bool,
+    /// Largest buffer depth seen (for tests and the back-pressure benchmark).
+    pub max_depth: usize,
+}
+
+impl Core {
+    fn is_current(&self, msg: &Message) -> bool {
+        self.assigned.get(&msg.tp) == Some(&msg.generation) && !self.revoking.contains(&msg.tp)
+    }
+
+    /// Starts `tp` clean under a new generation.
+    pub fn assign(&mut self, tp: TopicPartition) {
+        self.next_generation += 1;
+        self.tracker.remove(&tp);
+        self.buffer.drop_partition(&tp);
+        self.to_store.remove(&tp);
+        self.revoking.remove(&tp);
+        self.assigned.insert(tp, self.next_generation);
+    }
+
+    /// Buffers a fetched message of an assigned partition; others are dropped (their
+    /// partition was revoked after the fetch). Returns whether it was kept.
+    pub fn push(&mut self, mut msg: Message) -> bool {
+        let Some(&generation) = self.assigned.get(&msg.tp) else {
+            return false;
+        };
+        if self.stopping || self.revoking.contains(&msg.tp) {
+            return false;
+        }
+        msg.generation = generation;
+        self.tracker.received(&msg.tp, msg.offset);
+        self.buffer.push(msg);
+        self.max_depth = self.max_depth.max(self.buffer.len());
+        true
+    }
+}
+
+/// Everything the threads and tasks of one replica share.
+#[derive(Debug)]
+pub struct Shared {
+    pub core: Mutex<Core>,
+    /// Signalled when in-flight work finishes (revoke and shutdown wait on it).
+    pub idle: Condvar,
+    /// Wakes the dispatcher: a message arrived, a key or slot freed, the lease changed.
+    pub wake: Notify,
+    /// Signalled (to all waiters) when the replica starts stopping.
+    pub stopped: Notify,
+    /// Current in-flight limit from the lease.
+    pub in_flight_limit: AtomicU32,
+    pub metrics: Arc<Metrics>,
+    /// Messages fetched so far (demand estimation).
+    pub arrivals: AtomicU64,
+    /// Sum of sink latencies in microseconds and their count (demand estimation).
+    pub latency_us: AtomicU64,
+    pub latency_count: AtomicU64,
+    /// Set once any assignment (possibly empty) arrived: the replica is in the group.
+    pub joined: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(ordering: Ordering, max_messages: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            core: Mutex::new(Core {
+                buffer: Buffer::new(ordering, max_messages, max_bytes),
+                tracker: OffsetTracker::new(),
+                assigned: HashMap::new(),
+                revoking: HashSet::new(),
+                in_flight: HashMap::new(),
+                in_flight_total: 0,
+                to_store: HashMap::new(),
+                next_generation: 0,
+                stopping: false,
+                max_depth: 0,
+            }),
+            idle: Condvar::new(),
+            wake: Notify::new(),
+            stopped: Notify::new(),
+            in_flight_limit: AtomicU32::new(0),
+            metrics: Arc::new(Metrics::new()),
+            arrivals: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
+            latency_count: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
+        })
+    }
+
+    /// Locks the core. A panic while holding it would be a bug; the state is still
+    /// consistent enough to shut down, so poisoning is ignored.
+    pub fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update_gauges(&self, core: &Core) {
+        let m = &self.metrics;
+        m.buffer_messages.set(core.buffer.len() as i64);
+        m.buffer_bytes.set(core.buffer.bytes() as i64);
+        m.in_flight.set(i64::from(core.in_flight_total));
+    }
+
+    /// A worker finished `msg` (acked or dead-lettered): free its key and slot and let
+    /// its offset advance.
+    pub fn complete(&self, msg: &Message) {
+        let mut core = self.lock();
+        if core.assigned.get(&msg.tp) == Some(&msg.generation) {
+            if let Some(o) = core.tracker.completed(&msg.tp, msg.offset) {
+                core.to_store.insert(msg.tp.clone(), o);
+            }
+        }
+        self.finish(core, msg);
+    }
+
+    /// A worker gave up on `msg` without finishing it (its partition was revoked or
+    /// the replica is stopping): the offset stays where it is.
+    pub fn abandon(&self, msg: &Message) {
+        let core = self.lock();
+        self.metrics.outcome("abandoned");
+        self.finish(core, msg);
+    }
+
+    fn finish(&self, mut core: MutexGuard<'_, Core>, msg: &Message) {
+        core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
+        let key = (msg.tp.clone(), msg.generation);
+        if let Some(n) = core.in_flight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                core.in_flight.remove(&key);
+            }
+        }
+        core.in_flight_total = core.in_flight_total.saturating_sub(1);
+        self.update_gauges(&core);
+        drop(core);
+        self.idle.notify_all();
+        self.wake.notify_one();
+    }
+
+    /// A popped message that never reached a worker.
+    fn unpop(&self, msg: &Message) {
+        let mut core = self.lock();
+        core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
+        drop(core);
+        self.wake.notify_one();
+    }
+
+    fn should_give_up(&self, msg: &Message) -> bool {
+        let core = self.lock();
+        core.stopping || !core.is_current(msg)
+    }
+
+    /// Revokes `tps`: drops their buffered messages, waits up to `deadline` for their
+    /// in-flight work, forgets them and returns the offsets to commit. Blocking (called
+    /// from the Kafka thread's rebalance callback).
+    pub fn revoke(&self, tps: &[TopicPartition], deadline: Duration) -> Vec<(TopicPartition, i64)> {
+        let mut core = self.lock();
+        let mut dropped = 0;
+        for tp in tps {
+            dropped += core.buffer.drop_partition(tp);
+            core.revoking.insert(tp.clone());
+        }
+        for _ in 0..dropped {
+            self.metrics.outcome("dropped_on_revoke");
+        }
+        let until = Instant::now() + deadline;
+        let busy = |core: &Core| {
+            tps.iter().any(|tp| {
+                core.assigned
+                    .get(tp)
+                    .is_some_and(|g| core.in_flight.contains_key(&(tp.clone(), *g)))
+            })
+        };
+        while busy(&core) {
+            let now = Instant::now();
+            if now >= until {
+                warn!(
+                    partitions = tps.len(),
+                    ?deadline,
+                    "In-flight work of revoked partitions did not finish in time; their offsets stay behind it"
+                );
+                break;
+            }
+            core = self
+                .idle
+                .wait_timeout(core, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let mut commit = Vec::new();
+        for tp in tps {
+            if let Some(o) = core.tracker.committable(tp) {
+                commit.push((tp.clone(), o));
+            }
+            core.tracker.remove(tp);
+            core.assigned.remove(tp);
+            core.revoking.remove(tp);
+            core.to_store.remove(tp);
+        }
+        self.update_gauges(&core);
+        drop(core);
+        self.wake.notify_one();
+        commit
+    }
+
+    /// Stops dispatching and drops the buffer (shutdown). Buffered messages are not
+    /// committed, so the group's next owner fetches them again.
+    pub fn stop(&self) {
+        let mut core = self.lock();
+        core.stopping = true;
+        core.buffer.clear();
+        self.update_gauges(&core);
+        drop(core);
+        self.stopped.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Waits (async) until nothing is in flight or `grace` passed; returns what is left.
+    pub async fn drain(&self, grace: Duration) -> u32 {
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            let left = self.lock().in_flight_total;
+            if left == 0 || tokio::time::Instant::now() >= until {
+                return left;
+            }
+            // Short poll: shutdown is rare and this keeps the completion path free of an
+            // extra async notification.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// What a worker needs besides the message.
+pub struct WorkerContext {
+    pub shared: Arc<Shared>,
+    pub limiter: Arc<RateLimiter>,
+    pub sink: Sink,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+    pub dead_letter: Option<(FutureProducer, String)>,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("sink", &self.sink)
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .field("dead_letter", &self.dead_letter.as_ref().map(|(_, t)| t))
+            .finish()
+    }
+}
+
+/// The dispatcher: pull the next message whose ordering key is free, then a rate
+/// permit, then an in-flight slot, then hand it to a worker task. Returns when the
+/// replica stops.
+pub async fn dispatch(ctx: Arc<WorkerContext>) {
+    let shared = ctx.shared.clone();
+    'next: loop {
+        // 1. A message whose key (or partition) is free.
+        let msg = loop {
+            let woken = shared.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut core = shared.lock();
+                if core.stopping {
+                    return;
+                }
+                if let Some(m) = core.buffer.pop_ready() {
+                    shared.update_gauges(&core);
+                    break m;
+                }
+            }
+            woken.await;
+        };
+        // 2. A rate permit (re-rated live by the lease follower).
+        tokio::select! {
+            _ = ctx.limiter.acquire() => {}
+            _ = stopped(&shared) => { shared.unpop(&msg); return; }
+        }
+        // 3. An in-flight slot (resized live).
+        loop {
+            let woken = shared.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut core = shared.lock();
+                if core.stopping {
+                    drop(core);
+                    shared.unpop(&msg);
+                    return;
+                }
+                if !core.is_current(&msg) {
+                    drop(core);
+                    shared.unpop(&msg);
+                    continue 'next;
+                }
+                if core.in_flight_total < shared.in_flight_limit.load(AtomicOrdering::Relaxed) {
+                    core.in_flight_total += 1;
+                    *core
+                        .in_flight
+                        .entry((msg.tp.clone(), msg.generation))
+                        .or_default() += 1;
+                    shared.update_gauges(&core);
+                    break;
+                }
+            }
+            woken.await;
+        }
+        tokio::spawn(work(ctx.clone(), msg));
+    }
+}
+
+/// Resolves when the replica is stopping.
+async fn stopped(shared: &Shared) {
+    loop {
+        let woken = shared.stopped.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if shared.lock().stopping {
+            return;
+        }
+        woken.await;
+    }
+}
+
+/// One message through the sink, with retries and dead-lettering, until it is finished
+/// or its partition is taken away.
+pub async fn work(ctx: Arc<WorkerContext>, msg: Message) {
+    let m = &ctx.shared.metrics;
+    let mut attempt: u32 = 1;
+    let mut tries: u32 = 0;
+    loop {
+        tries = tries.saturating_add(1);
+        let started = Instant::now();
+        let result = match tokio::time::timeout(ctx.timeout, ctx.sink.deliver(&msg)).await {
+            Ok(r) => r,
+            Err(_) => Attempt::Timeout,
+        };
+        let elapsed = started.elapsed();
+        m.sink_latency.observe(elapsed.as_secs_f64());
+        ctx.shared
+            .latency_us
+            .fetch_add(elapsed.as_micros() as u64, AtomicOrdering::Relaxed);
+        ctx.shared
+            .latency_count
+            .fetch_add(1, AtomicOrdering::Relaxed);
+        let jitter: f64 = rand::random();
+        match decide(
+            &result,
+            attempt,
+            &ctx.retry,
+            ctx.dead_letter.is_some(),
+            jitter,
+        ) {
+            Decision::Ack => {
+                m.outcome("acked");
+                break;
+            }
+            Decision::Retry {
+                after,
+                reason,
+                counts,
+            } => {
+                m.retries
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+                trace!(tp = %msg.tp, offset = msg.offset, attempt = tries, error = %result.describe(), ?after, "Retrying");
+                if counts {
+                    attempt = attempt.saturating_add(1);
+                }
+                if !sleep_unless_given_up(&ctx.shared, &msg, after).await {
+                    ctx.shared.abandon(&msg);
+                    return;
+                }
+                // A retry is another call to the service: it needs a permit too.
+                ctx.limiter.acquire().await;
+            }
+            Decision::DeadLetter { error } => {
+                if !dead_letter(&ctx, &msg, &error, tries).await {
+                    ctx.shared.abandon(&msg);
+                    return;
+                }
+                m.dead_lettered.inc();
+                m.outcome("dead_lettered");
+                break;
+            }
+        }
+    }
+    ctx.shared.complete(&msg);
+}
+
+/// Sleeps `after` in short steps, returning `false` as soon as the message should be
+/// given up (revoked partition, shutdown).
+async fn sleep_unless_given_up(shared: &Shared, msg: &Message, after: Duration) -> bool {
+    let until = tokio::time::Instant::now() + after;
+    loop {
+        if shared.should_give_up(msg) {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return true;
+        }
+        // Check for revocation at least every 100 ms so a rebalance is not held up by
+        // a message waiting out a long backoff.
+        tokio::time::sleep_until(until.min(now + Duration::from_millis(100))).await;
+    }
+}
+
+/// Writes `msg` to the dead-letter topic, retrying until it is written (never ack a
+/// message that is neither delivered nor dead-lettered). `false`: given up (revoked).
+async fn dead_letter(ctx: &WorkerContext, msg: &Message, error: &str, tries: u32) -> bool {
+    let Some((producer, topic)) = &ctx.dead_letter else {
+        return false;
+    };
+    let mut attempt = 1;
+    loop {
+        let headers = dead_letter_headers(msg, error, tries);
+        match produce(producer, topic, msg, headers).await {
+            Attempt::Delivered => return true,
+            other => {
+                ctx.shared.metrics.kafka_errors.inc();
+                warn!(topic = %topic, error = %other.describe(), "Cannot write to the dead-letter topic; retrying");
+                let wait = backoff(attempt, &ctx.retry, rand::random());
+                attempt += 1;
+                if !sleep_unless_given_up(&ctx.shared, msg, wait).await {
+                    return false;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The Kafka source: one OS thread that owns the consumer, polls it, fills the buffer,
+//! pauses and resumes partitions, stores completed offsets and handles rebalances.
+//!
+//! Guarantee (at-least-once): an offset is stored only when every message below it in
+//! its partition has been delivered or dead-lettered (see [`crate::offsets`]), and
+//! librdkafka auto-commits only stored offsets. Nothing is ever committed past a
+//! message that is buffered, in flight or failing.
+//!
+//! Why a thread and not a `StreamConsumer`: the revoke callback must block until the
+//! revoked partitions' in-flight work finishes and their offsets are committed, before
+//! the rebalance proceeds. Blocking inside a tokio task would stall a runtime worker;
+//! here it stalls only this thread, which is exactly what should wait.
+//!
+//! The thread keeps polling while partitions are paused, so heartbeats, rebalances and
+//! `max.poll.interval.ms` are served even when the sink is stalled.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering as AtomicOrdering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message as _};
+use tracing::{debug, info, warn};
+
+use crate::config::RunConfig;
+use crate::message::{Message, TopicPartition};
+use crate::metrics::PartitionLabels;
+use crate::pipeline::Shared;
+
+/// Longest single poll; bounds how late a stop request or a pause is acted on.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How many messages one lock of the core takes at most (amortises the mutex).
+const MAX_BATCH: usize = 512;
+/// How often stored offsets are pushed to librdkafka. Auto-commit picks them up every
+/// `auto.commit.interval.ms` (5 s by default) anyway, so this only needs to be small
+/// against that.
+const STORE_EVERY: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    CreateConsumer(#[source] KafkaError),
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("cannot start the Kafka thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Phases of the source, driven by [`Source::stop_fetching`] and [`Source::close`].
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSING: u8 = 2;
+
+/// The consumer context: rebalance callbacks and statistics (lag).
+#[derive(Debug)]
+pub struct SourceContext {
+    shared: Arc<Shared>,
+    revoke_deadline: Duration,
+    phase: Arc<AtomicU8>,
+    /// Set after an assignment change, so the poll loop re-applies a pause.
+    assignment_changed: AtomicBool,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 {
+                    continue;
+                }
+                let labels = PartitionLabels {
+                    topic: topic.clone(),
+                    partition: p.to_string(),
+                };
+                if part.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .lag
+                        .get_or_create(&labels)
+                        .set(part.consumer_lag);
+                } else {
+                    self.shared.metrics.lag.remove(&labels);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let tps = to_tps(tpl);
+                // While closing, in-flight work was already waited for (grace period).
+                let deadline = if self.phase.load(AtomicOrdering::Relaxed) == CLOSING {
+                    Duration::ZERO
+                } else {
+                    self.revoke_deadline
+                };
+                let offsets = self.shared.revoke(&tps, deadline);
+                commit(consumer, &offsets, "revoke");
+                info!(
+                    partitions = tps.len(),
+                    committed = offsets.len(),
+                    "Partitions revoked"
+                );
+            }
+            Rebalance::Assign(tpl) => {
+                let tps = to_tps(tpl);
+                let mut core = self.shared.lock();
+                for tp in &tps {
+                    core.assign(tp.clone());
+                }
+                drop(core);
+                self.shared.joined.store(true, AtomicOrdering::Relaxed);
+                info!(partitions = tps.len(), "Partitions assigned");
+            }
+            Rebalance::Error(e) => {
+                self.shared.metrics.kafka_errors.inc();
+                warn!(error = %e, "Rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.assignment_changed.store(true, AtomicOrdering::Relaxed);
+        let n = consumer.assignment().map_or(0, |a| a.count());
+        self.shared.metrics.assigned_partitions.set(n as i64);
+    }
+}
+
+fn to_tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+fn to_tpl(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (tp, o) in offsets {
+        // Adding to a fresh list with a valid offset cannot fail.
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+    }
+    tpl
+}
+
+fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i64)], why: &str) {
+    if offsets.is_empty() {
+        return;
+    }
+    if let Err(e) = consumer.commit(&to_tpl(offsets), CommitMode::Sync) {
+        warn!(error = %e, why, "Synchronous commit failed; auto-commit of stored offsets will retry");
+        let _ = consumer.store_offsets(&to_tpl(offsets));
+    }
+}
+
+/// Handle to the Kafka thread.
+#[derive(Debug)]
+pub struct Source {
+    phase: Arc<AtomicU8>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Source {
+    /// Creates the consumer, subscribes and starts the thread.
+    pub fn start(config: &RunConfig, shared: Arc<Shared>) -> Result<Source, SourceError> {
+        let phase = Arc::new(AtomicU8::new(RUNNING));
+        let context = SourceContext {
+            shared: shared.clone(),
+            revoke_deadline: config.shutdown_grace,
+            phase: phase.clone(),
+            assignment_changed: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<SourceContext> = consumer_config(config)
+            .create_with_context(context)
+            .map_err(SourceError::CreateConsumer)?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|source| SourceError::Subscribe {
+                topics: config.topics.clone(),
+                source,
+            })?;
+        let thread_phase = phase.clone();
+        let thread = std::thread::Builder::new()
+            .name("pacer-kafka".into())
+            .spawn(move || poll_loop(consumer, shared, thread_phase))
+            .map_err(SourceError::Thread)?;
+        Ok(Source {
+            phase,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops fetching (pauses every partition); the thread keeps serving the group.
+    pub fn stop_fetching(&self) {
+        self.phase.store(DRAINING, AtomicOrdering::Relaxed);
+    }
+
+    /// Commits what is complete, leaves the group and ends the thread (blocking).
+    pub fn close(mut self) {
+        self.phase.store(CLOSING, AtomicOrdering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.phase.store(CLOSING, AtomicOrdering::Relaxed);
+    }
+}
+
+/// The consumer's librdkafka configuration: pacer's defaults, then the user's
+/// `--kafka-config` (which wins, except for the properties the config parser refuses).
+pub fn consumer_config(config: &RunConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    // Prefetch no more than the buffer holds, so pausing actually bounds memory
+    // (librdkafka's default prefetch is 64 MiB per consumer).
+    let prefetch_kb = (config.buffer_bytes / 1024).clamp(1024, 65_536);
+    c.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("queued.max.messages.kbytes", prefetch_kb.to_string())
+        .set(
+            "queued.min.messages",
+            config.buffer_messages.clamp(100, 100_000).to_string(),
+        )
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in &config.kafka_config {
+        c.set(k, v);
+    }
+    c
+}
+
+fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: Arc<AtomicU8>) {
+    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    let mut paused = false;
+    let mut last_store = Instant::now();
+    let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let p = phase.load(AtomicOrdering::Relaxed);
+        if p == CLOSING {
+            break;
+        }
+        if last_store.elapsed() >= STORE_EVERY {
+            store(&consumer, &shared);
+            last_store = Instant::now();
+        }
+        // Pause / resume.
+        let (full, low, room) = {
+            let core = shared.lock();
+            (
+                core.buffer.is_full(),
+                core.buffer.below_low_water(),
+                core.buffer.room(),
+            )
+        };
+        let changed = consumer
+            .context()
+            .assignment_changed
+            .swap(false, AtomicOrdering::Relaxed);
+        let want_paused = p == DRAINING || full || (paused && !low);
+        if want_paused && (!paused || changed) {
+            set_paused(&consumer, &shared, true);
+            paused = true;
+        } else if !want_paused && paused {
+            set_paused(&consumer, &shared, false);
+            paused = false;
+        }
+
+        // Poll a batch: the first poll waits, the rest take what is already fetched.
+        let limit = room.clamp(1, MAX_BATCH);
+        let mut timeout = POLL_TIMEOUT;
+        while batch.len() < limit {
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => batch.push(owned(&m, &mut topics)),
+                Some(Err(e)) => {
+                    shared.metrics.kafka_errors.inc();
+                    warn!(error = %e, "Kafka consumer error");
+                    break;
+                }
+                None => break,
+            }
+            timeout = Duration::ZERO;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        if p != RUNNING {
+            // Fetched before the pause took effect: not processed, not committed.
+            batch.clear();
+            continue;
+        }
+        let n = batch.len() as u64;
+        let mut core = shared.lock();
+        for m in batch.drain(..) {
+            core.push(m);
+        }
+        let (len, bytes) = (core.buffer.len(), core.buffer.bytes());
+        drop(core);
+        shared.metrics.consumed.inc_by(n);
+        shared.arrivals.fetch_add(n, AtomicOrdering::Relaxed);
+        shared.metrics.buffer_messages.set(len as i64);
+        shared.metrics.buffer_bytes.set(bytes as i64);
+        shared.wake.notify_one();
+    }
+    // Closing: store and commit what is complete, then leave the group (drop).
+    store(&consumer, &shared);
+    let offsets: Vec<(TopicPartition, i64)> = {
+        let core = shared.lock();
+        core.tracker
+            .all_committable()
+            .into_iter()
+            .filter(|(tp, _)| core.assigned.contains_key(tp))
+            .collect()
+    };
+    commit(&consumer, &offsets, "shutdown");
+    info!(
+        partitions = offsets.len(),
+        "Committed on shutdown; leaving the group"
+    );
+    // Dropping closes the consumer: it leaves the group (so others take over at once),
+    // serving the final revoke callback on the way.
+    drop(consumer);
+}
+
+fn store(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
+    let pending: Vec<(TopicPartition, i64)> = {
+        let mut core = shared.lock();
+        if core.to_store.is_empty() {
+            return;
+        }
+        core.to_store.drain().collect()
+    };
+    if let Err(e) = consumer.store_offsets(&to_tpl(&pending)) {
+        // Partitions revoked meanwhile refuse the store; their offsets were committed
+        // by the revoke callback.
+        debug!(error = %e, "Storing offsets");
+    }
+}
+
+fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let result = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => {
+            let n = if pause { assignment.count() } else { 0 };
+            shared.metrics.paused_partitions.set(n as i64);
+            debug!(
+                partitions = assignment.count(),
+                pause, "Partitions paused/resumed"
+            );
+        }
+        Err(e) => warn!(error = %e, pause, "Cannot pause/resume partitions"),
+    }
+}
+
+fn owned(m: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>) -> Message {
+    let topic = match topics.get(m.topic()) {
+        Some(t) => t.clone(),
+        None => {
+            let t: Arc<str> = Arc::from(m.topic());
+            topics.insert(m.topic().to_string(), t.clone());
+            t
+        }
+    };
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Message {
+        tp: TopicPartition {
+            topic,
+            partition: m.partition(),
+        },
+        offset: m.offset(),
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: m.payload().map(Bytes::copy_from_slice),
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
+        generation: 0,
+    }
+}
