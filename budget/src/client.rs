@@ -286,7 +286,7 @@ async fn refresh_loop(
                 failures += 1;
                 // One warning per outage and a reminder every 30 failures keep logs
                 // readable during a long coordinator outage.
-                if failures == 1 || failures % 30 == 0 {
+                if failures == 1 || failures.is_multiple_of(30) {
                     tracing::warn!(error = %e, failures, "Lease refresh failed");
                 } else {
                     tracing::debug!(error = %e, failures, "Lease refresh failed");

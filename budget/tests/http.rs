@@ -280,7 +280,9 @@ mod bad_input {
             v.extend(br#""}"#);
             v
         };
-        let cases: Vec<(&str, String, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        // (what, url, token, body, status, error message excerpt)
+        type Case<'a> = (&'a str, String, Option<&'a str>, Vec<u8>, u16, &'a str);
+        let cases: Vec<Case> = vec![
             ("malformed json", url.clone(), Some(TOKEN), b"{not json".to_vec(), 400, "invalid lease request"),
             ("unknown field", url.clone(), Some(TOKEN),
                 br#"{"member":"m-1","demand":{"rate":1.0,"inFlight":1},"colour":"blue"}"#.to_vec(), 400, "unknown field `colour`"),
