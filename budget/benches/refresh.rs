@@ -79,8 +79,18 @@ fn main() {
                 observed_rate: None,
             };
             let url = format!("http://{addr}/v1/budgets/bench/b{}/leases", m % budgets);
-            let r = http.post(&url).bearer_auth(TOKEN).json(&req).send().await.unwrap();
-            assert!(r.status().is_success(), "warm-up refresh failed: {}", r.status());
+            let r = http
+                .post(&url)
+                .bearer_auth(TOKEN)
+                .json(&req)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "warm-up refresh failed: {}",
+                r.status()
+            );
         }
         let deadline = Instant::now() + Duration::from_secs(seconds);
         let per_conn = members.div_ceil(connections).max(1);
