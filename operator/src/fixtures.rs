@@ -151,7 +151,8 @@ impl ApiServerVerifier {
             let body: Value = if bytes.is_empty() {
                 Value::Null
             } else {
-                serde_json::from_slice(&bytes).expect("request body is JSON")
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
             };
             let response = match (&step.response, &step.status_of) {
                 (Some(fixed), _) => fixed.clone(),
@@ -184,9 +185,15 @@ where
     F: std::future::Future<Output = T>,
 {
     let server = tokio::spawn(verifier.run(steps));
-    let result = tokio::time::timeout(TIMEOUT, reconcile)
-        .await
-        .expect("reconcile finished within the timeout (an unexpected request hangs it)");
+    let Ok(result) = tokio::time::timeout(TIMEOUT, reconcile).await else {
+        // A failed assertion in the mock leaves the reconcile waiting: report that first.
+        if server.is_finished() {
+            if let Err(e) = server.await {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        panic!("reconcile did not finish within {TIMEOUT:?}: it made a request the script does not expect");
+    };
     let (verifier, seen) = tokio::time::timeout(TIMEOUT, server)
         .await
         .expect("every expected request was made")

@@ -761,6 +761,7 @@ mod tests {
                 StatusCode::OK,
                 Some(seen[5].body.clone()),
             ),
+            Step::status_apply(u.status_apply(), &without),
         ];
 
         let (result, _, _) = converse(api, steps, reconcile_one(&without, &ctx)).await;
