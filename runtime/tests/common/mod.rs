@@ -1,0 +1,512 @@
+//! Test fixtures: an embedded Kafka broker (librdkafka's mock cluster), a producer, a
+//! recording HTTP sink on port 0, replicas run in-process or as `pacer` child processes,
+//! and a bounded wait helper.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
+use pacer_runtime::lease::Allowance;
+use pacer_runtime::{ReplicaHandle, RunError, RunSummary};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+use rdkafka::ClientConfig;
+use tokio::sync::{oneshot, watch};
+
+/// An embedded broker. Not `Send`: keep it on the test's thread.
+pub struct Kafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub bootstrap: String,
+}
+
+impl Kafka {
+    pub fn new() -> Kafka {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = cluster.bootstrap_servers();
+        Kafka { cluster, bootstrap }
+    }
+
+    pub fn topic(&self, name: &str, partitions: i32) {
+        self.cluster
+            .create_topic(name, partitions, 1)
+            .expect("create topic");
+    }
+
+    pub fn producer(&self) -> BaseProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.max.bytes", "2000000")
+            .create()
+            .expect("producer")
+    }
+
+    /// Produces `n` messages: message `i` goes to partition `i % partitions` with key
+    /// `key(i)` and a value starting with its id `i` (8 digits), padded to `size`.
+    pub fn produce(
+        &self,
+        topic: &str,
+        partitions: i32,
+        range: std::ops::Range<usize>,
+        size: usize,
+        key: impl Fn(usize) -> Option<Vec<u8>>,
+    ) {
+        let p = self.producer();
+        for i in range {
+            let mut value = format!("{i:08}").into_bytes();
+            value.resize(size.max(8), b'.');
+            let k = key(i);
+            loop {
+                let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
+                    .partition((i % partitions as usize) as i32)
+                    .payload(&value[..]);
+                if let Some(k) = &k {
+                    rec = rec.key(&k[..]);
+                }
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((e, _)) => {
+                        assert!(e.to_string().contains("Queue full"), "produce failed: {e}");
+                        p.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        p.flush(Duration::from_secs(60)).expect("flush");
+    }
+
+    /// Reads every message of `topic` (e.g. a dead-letter topic) within `timeout`,
+    /// returning (value, headers).
+    pub fn read_all(
+        &self,
+        topic: &str,
+        expect: usize,
+        timeout: Duration,
+    ) -> Vec<(Vec<u8>, HashMap<String, String>)> {
+        use rdkafka::message::{Headers, Message};
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", format!("reader-{topic}"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        c.subscribe(&[topic]).expect("subscribe");
+        let until = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < expect && Instant::now() < until {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
+    }
+}
+
+/// What the test sink saw for one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub start: Instant,
+    pub end: Instant,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    /// The id at the start of the value (see [`Kafka::produce`]), if any.
+    pub id: Option<usize>,
+    pub body_len: usize,
+    /// 1 for the first request for this (partition, offset), 2 for the next...
+    pub attempt: u32,
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+}
+
+/// What the sink answers: after `delay`, `status` with an optional `Retry-After`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply {
+    pub delay: Duration,
+    pub status: u16,
+    pub retry_after: Option<u64>,
+}
+
+impl Reply {
+    pub const OK: Reply = Reply {
+        delay: Duration::ZERO,
+        status: 200,
+        retry_after: None,
+    };
+}
+
+pub type Behaviour = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+pub struct SinkState {
+    pub seen: Mutex<Vec<Seen>>,
+    pub current: AtomicU32,
+    pub max_concurrent: AtomicU32,
+    /// While set, requests wait (a stalled service).
+    pub stalled: AtomicBool,
+    attempts: Mutex<HashMap<(i32, i64), u32>>,
+    behaviour: Behaviour,
+}
+
+impl SinkState {
+    /// Delivered (2xx) requests.
+    pub fn delivered(&self) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .cloned()
+            .collect()
+    }
+
+    pub fn delivered_count(&self) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| (200..300).contains(&s.status))
+            .count()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+pub struct TestSink {
+    pub addr: SocketAddr,
+    pub state: Arc<SinkState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestSink {
+    pub async fn start(behaviour: Behaviour) -> TestSink {
+        let state = Arc::new(SinkState {
+            seen: Mutex::new(Vec::new()),
+            current: AtomicU32::new(0),
+            max_concurrent: AtomicU32::new(0),
+            stalled: AtomicBool::new(false),
+            attempts: Mutex::new(HashMap::new()),
+            behaviour,
+        });
+        let app = Router::new()
+            .route("/", post(handle))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TestSink { addr, state, task }
+    }
+
+    pub async fn ok() -> TestSink {
+        Self::start(Arc::new(|_| Reply::OK)).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+}
+
+impl Drop for TestSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let start = Instant::now();
+    let now = s.current.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_concurrent.fetch_max(now, Ordering::SeqCst);
+    let h = |n: &str| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let partition: i32 = h("kafka-partition")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1);
+    let offset: i64 = h("kafka-offset").and_then(|v| v.parse().ok()).unwrap_or(-1);
+    let attempt = {
+        let mut a = s.attempts.lock().unwrap();
+        let e = a.entry((partition, offset)).or_default();
+        *e += 1;
+        *e
+    };
+    let id = std::str::from_utf8(&body[..body.len().min(8)])
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let mut seen = Seen {
+        start,
+        end: start,
+        partition,
+        offset,
+        key: h("kafka-key"),
+        id,
+        body_len: body.len(),
+        attempt,
+        status: 0,
+        headers: headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+    };
+    // A stalled sink holds requests (bounded, so a broken test cannot hang forever).
+    let stall_until = Instant::now() + Duration::from_secs(120);
+    while s.stalled.load(Ordering::SeqCst) && Instant::now() < stall_until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reply = (s.behaviour)(&seen);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    seen.end = Instant::now();
+    seen.status = reply.status;
+    s.seen.lock().unwrap().push(seen);
+    s.current.fetch_sub(1, Ordering::SeqCst);
+    let status = StatusCode::from_u16(reply.status).unwrap();
+    match reply.retry_after {
+        Some(secs) => (status, [("retry-after", secs.to_string())]).into_response(),
+        None => status.into_response(),
+    }
+}
+
+/// Consumer settings that make group changes quick on the mock broker.
+pub fn fast_group() -> Vec<(String, String)> {
+    [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "300"),
+        ("auto.commit.interval.ms", "200"),
+        ("topic.metadata.refresh.interval.ms", "1000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A standalone, unlimited, unordered configuration delivering to `sink`.
+pub fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec) -> RunConfig {
+    RunConfig {
+        bootstrap_servers: bootstrap.to_string(),
+        topics: vec![topic.to_string()],
+        group_id: group.to_string(),
+        kafka_config: fast_group(),
+        budget: BudgetSource::Standalone {
+            rate: f64::INFINITY,
+            in_flight: 16,
+        },
+        burst: 1,
+        ordering: Order::None,
+        buffer_messages: 1000,
+        buffer_bytes: 16 << 20,
+        sink,
+        timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+        },
+        dead_letter_topic: None,
+        shutdown_grace: Duration::from_secs(10),
+        admin_addr: None,
+    }
+}
+
+/// A replica running in this process.
+pub struct InProcess {
+    stop: Option<oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<Result<RunSummary, RunError>>,
+    pub handle: ReplicaHandle,
+    /// Keeps the allowance channel open for standalone runs.
+    pub allowance: watch::Sender<Allowance>,
+}
+
+impl InProcess {
+    pub async fn start(config: RunConfig) -> InProcess {
+        let allowance = match config.budget {
+            BudgetSource::Standalone { rate, in_flight } => Allowance::standalone(rate, in_flight),
+            BudgetSource::Leased { .. } => Allowance::PENDING,
+        };
+        Self::start_with(config, allowance).await
+    }
+
+    pub async fn start_with(config: RunConfig, allowance: Allowance) -> InProcess {
+        let (tx, rx) = watch::channel(allowance);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (h_tx, h_rx) = oneshot::channel();
+        let join = tokio::spawn(pacer_runtime::run_with_allowance(
+            config,
+            rx,
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |h| {
+                let _ = h_tx.send(h);
+            },
+        ));
+        let handle = tokio::time::timeout(Duration::from_secs(10), h_rx)
+            .await
+            .expect("replica did not start in 10 s")
+            .expect("replica failed to start");
+        InProcess {
+            stop: Some(stop_tx),
+            join,
+            handle,
+            allowance: tx,
+        }
+    }
+
+    /// Clean shutdown (as on SIGTERM); returns the run summary.
+    pub async fn stop(mut self) -> RunSummary {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(60), &mut self.join)
+            .await
+            .expect("replica did not stop in 60 s")
+            .expect("replica task panicked")
+            .expect("replica failed")
+    }
+
+    pub fn metrics(&self) -> String {
+        self.handle.shared.metrics.encode()
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, failing the test after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A `pacer` child process, killed and reaped on drop.
+pub struct Pacer {
+    pub child: Child,
+}
+
+impl Pacer {
+    pub fn spawn(args: &[String]) -> Pacer {
+        let child = Command::new(env!("CARGO_BIN_EXE_pacer"))
+            .args(args)
+            .env("PACER_LOG", "info,rdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pacer");
+        Pacer { child }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY-free: `kill` via the libc crate is a plain syscall wrapper; unsafe code
+        // is forbidden in this workspace, so use the `kill` command instead.
+        let name = match sig {
+            libc::SIGKILL => "KILL",
+            libc::SIGTERM => "TERM",
+            libc::SIGINT => "INT",
+            _ => "TERM",
+        };
+        let _ = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let until = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Pacer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free local port (bound then released; fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Reads one metric value from a Prometheus text exposition.
+pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Fetches `/metrics` of a child's admin port.
+pub async fn scrape(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
