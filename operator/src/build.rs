@@ -491,3 +491,309 @@ fn content_hash(obj: &impl serde::Serialize) -> String {
     }
     format!("{h:016x}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{settings, tc_from_yaml, MINIMAL, ORDERS_SYNC};
+    use crate::validate::validate;
+
+    fn built(yaml: &str) -> (ThrottledConsumer, ValidSpec, Deployment) {
+        let tc = tc_from_yaml(yaml);
+        let v = validate(&tc.spec).unwrap();
+        let d = deployment(&tc, &v, &settings());
+        (tc, v, d)
+    }
+
+    fn pod(d: &Deployment) -> &PodSpec {
+        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    }
+
+    fn container<'a>(d: &'a Deployment, name: &str) -> &'a Container {
+        pod(d).containers.iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn env_map(c: &Container) -> BTreeMap<String, String> {
+        c.env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    }
+
+    #[test]
+    fn deployment_runs_pacer_with_the_spec_as_environment() {
+        let (_, _, d) = built(ORDERS_SYNC);
+        let c = container(&d, CONTAINER);
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/pacer-dev/pacer:0.1.0"));
+        assert_eq!(c.args, Some(vec!["run".to_string()]));
+        let env = env_map(c);
+        let expect = [
+            ("PACER_MEMBER", "$(POD_NAME)"),
+            ("PACER_BOOTSTRAP_SERVERS", "kafka-bootstrap.kafka:9092"),
+            ("PACER_TOPICS", "orders"),
+            ("PACER_GROUP_ID", "orders-sync"),
+            (
+                "PACER_KAFKA_CONFIG",
+                "sasl.mechanism=SCRAM-SHA-512,sasl.username=orders-sync,security.protocol=SASL_SSL,sasl.password=$(PACER_KAFKA_SECRET_0)",
+            ),
+            ("PACER_COORDINATOR", "http://pacer-operator.pacer-system.svc:8080"),
+            ("PACER_BUDGET", "shop/orders-sync"),
+            ("PACER_TOKEN_FILE", "/var/run/secrets/pacer/token"),
+            ("PACER_BURST", "1"),
+            ("PACER_ORDERING", "key"),
+            ("PACER_SINK", "http://127.0.0.1:8080/handle"),
+            ("PACER_TIMEOUT", "5s"),
+            ("PACER_MAX_ATTEMPTS", "5"),
+            ("PACER_DEAD_LETTER_TOPIC", "orders-dlq"),
+            ("PACER_SHUTDOWN_GRACE", "30s"),
+            ("PACER_ADMIN_ADDR", "0.0.0.0:9090"),
+        ];
+        for (k, v) in expect {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        // Every variable the runtime reads is set when the spec uses every feature.
+        for name in env::ALL {
+            assert!(env.contains_key(name), "{name} missing");
+        }
+    }
+
+    #[test]
+    fn member_name_and_secret_values_come_from_the_downward_api_and_secrets_before_use() {
+        let (_, _, d) = built(ORDERS_SYNC);
+        let vars = container(&d, CONTAINER).env.clone().unwrap();
+        let pos = |n: &str| vars.iter().position(|e| e.name == n).unwrap();
+        let pod_name = &vars[pos(env::POD_NAME)];
+        assert_eq!(
+            pod_name
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.name"
+        );
+        let secret = &vars[pos("PACER_KAFKA_SECRET_0")];
+        let r = secret
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.key.as_str()),
+            ("kafka-orders-sync", "password")
+        );
+        // $(VAR) expands only for variables defined earlier.
+        assert!(pos(env::POD_NAME) < pos(env::MEMBER));
+        assert!(pos("PACER_KAFKA_SECRET_0") < pos(env::KAFKA_CONFIG));
+    }
+
+    #[test]
+    fn optional_variables_are_left_out_when_the_spec_does_not_use_them() {
+        let (_, _, d) = built(MINIMAL);
+        let env = env_map(container(&d, CONTAINER));
+        assert!(!env.contains_key(env::DEAD_LETTER_TOPIC));
+        assert!(!env.contains_key(env::KAFKA_CONFIG));
+        assert_eq!(env[env::SINK], "kafka:audit-export");
+        assert_eq!(env[env::BUDGET], "default/audit-export");
+    }
+
+    #[test]
+    fn token_secret_is_mounted_read_only_as_a_file() {
+        let (tc, _, d) = built(MINIMAL);
+        let c = container(&d, CONTAINER);
+        let mount = &c.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (TOKEN_DIR, Some(true))
+        );
+        let vol = pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        let secret = vol.secret.as_ref().unwrap();
+        assert_eq!(
+            secret.secret_name.as_deref(),
+            Some("audit-export-budget-token")
+        );
+        assert_eq!(secret.secret_name, Some(secret_name(&tc)));
+        assert_eq!(secret.default_mode, Some(0o440));
+    }
+
+    #[test]
+    fn pods_run_restricted_with_probes_on_the_admin_port() {
+        let (_, _, d) = built(MINIMAL);
+        let p = pod(&d);
+        let psc = p.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(p.automount_service_account_token, Some(false));
+        let c = container(&d, CONTAINER);
+        assert_eq!(c.security_context, Some(restricted_container_security()));
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(
+            (
+                sc.run_as_non_root,
+                sc.read_only_root_filesystem,
+                sc.allow_privilege_escalation
+            ),
+            (Some(true), Some(true), Some(false))
+        );
+        assert_eq!(
+            sc.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_string()])
+        );
+        let path = |p: &Option<Probe>| {
+            p.as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(path(&c.liveness_probe), "/livez");
+        assert_eq!(path(&c.readiness_probe), "/readyz");
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, ADMIN_PORT);
+    }
+
+    #[test]
+    fn termination_grace_is_the_shutdown_grace_plus_a_margin() {
+        let (_, _, d) = built(ORDERS_SYNC);
+        assert_eq!(pod(&d).termination_grace_period_seconds, Some(35));
+    }
+
+    #[test]
+    fn user_template_is_merged_with_sidecar_resources_node_selector_and_annotations() {
+        let (_, _, d) = built(ORDERS_SYNC);
+        let names: Vec<&str> = pod(&d).containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["pacer", "handler"]);
+        let pacer = container(&d, CONTAINER);
+        let requests = pacer.resources.as_ref().unwrap().requests.as_ref().unwrap();
+        assert_eq!(requests["cpu"].0, "100m");
+        // Merged, not replaced: the operator's settings are still there.
+        assert!(pacer.env.is_some() && pacer.liveness_probe.is_some());
+        assert_eq!(
+            pod(&d).node_selector.as_ref().unwrap()["kubernetes.io/os"],
+            "linux"
+        );
+        let meta = d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+        assert_eq!(
+            meta.annotations.as_ref().unwrap()["prometheus.io/scrape"],
+            "true"
+        );
+    }
+
+    #[test]
+    fn user_template_cannot_take_over_the_selector_labels() {
+        let mut tc = tc_from_yaml(MINIMAL);
+        tc.spec.template = Some(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"labels": {LABEL_CONSUMER: "someone-else", "team": "payments"}}
+            }))
+            .unwrap(),
+        );
+        let v = validate(&tc.spec).unwrap();
+        let d = deployment(&tc, &v, &settings());
+        let labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels[LABEL_CONSUMER], "audit-export");
+        assert_eq!(labels["team"], "payments");
+    }
+
+    #[test]
+    fn deployment_follows_replicas_is_scaled_to_zero_when_paused_and_owned_by_the_consumer() {
+        let (tc, v, d) = built(ORDERS_SYNC);
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("ThrottledConsumer", crate::fixtures::UID, Some(true))
+        );
+        assert_eq!(
+            d.metadata.labels.as_ref().unwrap()["app.kubernetes.io/managed-by"],
+            FIELD_MANAGER
+        );
+        assert_eq!(
+            d.spec.as_ref().unwrap().selector.match_labels,
+            Some(selector_labels(&tc))
+        );
+
+        let mut paused = v.clone();
+        paused.spec.paused = true;
+        assert_eq!(
+            deployment(&tc, &paused, &settings()).spec.unwrap().replicas,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn image_in_the_spec_overrides_the_operators_default() {
+        let mut tc = tc_from_yaml(MINIMAL);
+        tc.spec.image = Some("registry.local/pacer:dev".into());
+        let v = validate(&tc.spec).unwrap();
+        let d = deployment(&tc, &v, &settings());
+        assert_eq!(
+            container(&d, CONTAINER).image.as_deref(),
+            Some("registry.local/pacer:dev")
+        );
+    }
+
+    #[test]
+    fn applied_hash_changes_with_the_spec_and_only_with_it() {
+        let (tc, v, d) = built(ORDERS_SYNC);
+        assert!(is_up_to_date(
+            &d.metadata,
+            &deployment(&tc, &v, &settings()).metadata
+        ));
+        let mut scaled = v.clone();
+        scaled.spec.replicas = 5;
+        assert!(!is_up_to_date(
+            &d.metadata,
+            &deployment(&tc, &scaled, &settings()).metadata
+        ));
+        // A live object without the annotation is never up to date.
+        assert!(!is_up_to_date(&ObjectMeta::default(), &d.metadata));
+    }
+
+    #[test]
+    fn token_is_256_random_bits_in_hex_and_round_trips_through_the_secret() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        let tc = tc_from_yaml(MINIMAL);
+        let s = token_secret(&tc, &a);
+        assert_eq!(
+            s.metadata.name.as_deref(),
+            Some("audit-export-budget-token")
+        );
+        assert_eq!(token_from_secret(&s), Some(a));
+        assert_eq!(token_from_secret(&Secret::default()), None);
+    }
+
+    #[test]
+    fn pod_disruption_budget_is_built_only_when_asked_for() {
+        let (tc, v, _) = built(ORDERS_SYNC);
+        let pdb = pod_disruption_budget(&tc, &v).unwrap();
+        let spec = pdb.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            Some(selector_labels(&tc))
+        );
+        let (tc, v, _) = built(MINIMAL);
+        assert!(pod_disruption_budget(&tc, &v).is_none());
+    }
+}

@@ -330,3 +330,235 @@ fn is_topic_name(t: &str) -> bool {
         && t.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{MINIMAL, ORDERS_SYNC};
+    use serde_json::{json, Value};
+
+    /// The example's spec with the JSON value at `pointer` replaced (or removed when
+    /// `value` is null), through YAML -> JSON -> spec as the API server would hand it over.
+    fn spec_with(yaml: &str, pointer: &str, value: Value) -> ThrottledConsumerSpec {
+        let mut obj: Value = serde_yaml::from_str(yaml).unwrap();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        let target = obj.pointer_mut(&format!("/spec{parent}")).unwrap();
+        if value.is_null() {
+            target.as_object_mut().unwrap().remove(key);
+        } else if let Ok(i) = key.parse::<usize>() {
+            target[i] = value;
+        } else {
+            target[key] = value;
+        }
+        serde_json::from_value(obj["spec"].clone()).expect("spec deserializes")
+    }
+
+    fn message(yaml: &str, pointer: &str, value: Value) -> String {
+        validate(&spec_with(yaml, pointer, value))
+            .expect_err("spec is invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn every_example_is_valid() {
+        for yaml in [ORDERS_SYNC, MINIMAL] {
+            let spec: crate::crd::ThrottledConsumer = serde_yaml::from_str(yaml).unwrap();
+            validate(&spec.spec).unwrap();
+        }
+    }
+
+    #[test]
+    fn minimal_example_gets_the_documented_defaults() {
+        let v = validate(
+            &serde_yaml::from_str::<crate::crd::ThrottledConsumer>(MINIMAL)
+                .unwrap()
+                .spec,
+        )
+        .unwrap();
+        let s = &v.spec;
+        assert_eq!(
+            (
+                s.replicas,
+                s.budget.burst,
+                s.budget.lease_seconds,
+                s.budget.refresh_millis
+            ),
+            (1, 1, 10, 1000)
+        );
+        assert_eq!(
+            (s.budget.policy, s.delivery.ordering),
+            (BudgetPolicy::Demand, Ordering::Key)
+        );
+        assert_eq!(
+            (v.timeout, v.shutdown_grace),
+            (Duration::from_secs(5), Duration::from_secs(30))
+        );
+        assert_eq!(s.delivery.retry.max_attempts, 5);
+        assert!(!s.paused);
+    }
+
+    /// Every field that can be wrong, with the exact message a user reads in the
+    /// `InvalidSpec` condition.
+    #[test]
+    fn each_invalid_field_is_named_with_its_value_and_the_accepted_range() {
+        let cases: Vec<(&str, Value, &str)> = vec![
+            ("/replicas", json!(-1), "spec.replicas: -1 is out of range, must be 0 to 1000"),
+            ("/replicas", json!(1001), "spec.replicas: 1001 is out of range, must be 0 to 1000"),
+            ("/kafka/bootstrapServers", json!(" "), "spec.kafka.bootstrapServers: must not be empty, e.g. kafka:9092"),
+            ("/kafka/topics", json!([]), "spec.kafka.topics: must name at least one topic"),
+            ("/kafka/topics/0", json!("orders v2"), r#"spec.kafka.topics[0]: "orders v2" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
+            ("/kafka/groupId", json!(""), "spec.kafka.groupId: must be 1 to 255 characters"),
+            ("/kafka/config", json!({"bootstrap,servers": "x"}), r#"spec.kafka.config["bootstrap,servers"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
+            ("/kafka/config", json!({"a=b": "x"}), r#"spec.kafka.config["a=b"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
+            ("/kafka/config", json!({"sasl.mechanisms": "PLAIN,SCRAM"}), r#"spec.kafka.config["sasl.mechanisms"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
+            ("/kafka/secretConfig/0", json!({"key": "SASL_PASSWORD", "secretKeyRef": {"name": "k", "key": "p"}}), r#"spec.kafka.secretConfig[0].key: "SASL_PASSWORD" is not a librdkafka property name (a-z 0-9 .)"#),
+            ("/kafka/secretConfig/0", json!({"key": "sasl.password", "secretKeyRef": {"name": "", "key": "p"}}), "spec.kafka.secretConfig[0].secretKeyRef: name and key must not be empty"),
+            ("/budget/messagesPerSecond", json!(0), "spec.budget.messagesPerSecond: 0 is out of range, must be greater than 0 and at most 1000000"),
+            ("/budget/messagesPerSecond", json!(-3.5), "spec.budget.messagesPerSecond: -3.5 is out of range, must be greater than 0 and at most 1000000"),
+            ("/budget/messagesPerSecond", json!(2e6), "spec.budget.messagesPerSecond: 2000000 is out of range, must be greater than 0 and at most 1000000"),
+            ("/budget/maxInFlight", json!(0), "spec.budget.maxInFlight: 0 is out of range, must be 1 to 100000"),
+            ("/budget/maxInFlight", json!(100001), "spec.budget.maxInFlight: 100001 is out of range, must be 1 to 100000"),
+            ("/budget/burst", json!(0), "spec.budget.burst: 0 is out of range, must be 1 to 10000"),
+            ("/budget/leaseSeconds", json!(3601), "spec.budget.leaseSeconds: 3601 is out of range, must be 1 to 3600"),
+            ("/budget/refreshMillis", json!(99), "spec.budget.refreshMillis: 99 is out of range, must be 100 to 600000"),
+            ("/budget/leaseSeconds", json!(2), "spec.budget.leaseSeconds: leaseSeconds * 1000 (2000) must be greater than 2 * refreshMillis (2000) so a lease survives a missed refresh"),
+            ("/delivery/timeout", json!("5 seconds"), r#"spec.delivery.timeout: "5 seconds" is not a positive duration like 500ms, 5s, 1m or 1h"#),
+            ("/delivery/timeout", json!("0s"), r#"spec.delivery.timeout: "0s" is not a positive duration like 500ms, 5s, 1m or 1h"#),
+            ("/delivery/shutdownGrace", json!("2h"), r#"spec.delivery.shutdownGrace: "2h" is not a duration like 30s or 2m, at most 1h"#),
+            ("/delivery/retry/maxAttempts", json!(0), "spec.delivery.retry.maxAttempts: 0 is out of range, must be 1 to 1000"),
+            ("/delivery/deadLetterTopic", json!("orders/dlq"), r#"spec.delivery.deadLetterTopic: "orders/dlq" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
+            ("/sink", json!({}), "spec.sink: exactly one of sink.http or sink.kafka must be set"),
+            ("/sink", json!({"http": {"url": "http://h/"}, "kafka": {"topic": "t"}}), "spec.sink: exactly one of sink.http or sink.kafka must be set"),
+            ("/sink/http/url", json!("ftp://handler/x"), r#"spec.sink.http.url: "ftp://handler/x" is not an http:// or https:// URL"#),
+            ("/sink", json!({"kafka": {"topic": ""}}), r#"spec.sink.kafka.topic: "" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
+            ("/image", json!(""), "spec.image: must not be empty when set"),
+            ("/podDisruptionBudget/maxUnavailable", json!(-1), "spec.podDisruptionBudget.maxUnavailable: -1 is out of range, must be at least 0"),
+        ];
+        for (pointer, value, expected) in cases {
+            assert_eq!(
+                message(ORDERS_SYNC, pointer, value.clone()),
+                expected,
+                "{pointer} = {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_of_zero_seconds_is_out_of_range_and_too_short_for_the_refresh() {
+        assert_eq!(
+            message(ORDERS_SYNC, "/budget/leaseSeconds", json!(0)),
+            "spec.budget.leaseSeconds: 0 is out of range, must be 1 to 3600; \
+             spec.budget.leaseSeconds: leaseSeconds * 1000 (0) must be greater than 2 * refreshMillis (2000) so a lease survives a missed refresh"
+        );
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let mut spec = spec_with(ORDERS_SYNC, "/replicas", json!(-2));
+        spec.budget.max_in_flight = 0;
+        spec.sink.kafka = Some(crate::crd::KafkaSink { topic: "t".into() });
+        let err = validate(&spec).unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.replicas", "spec.budget.maxInFlight", "spec.sink"]
+        );
+    }
+
+    #[test]
+    fn unknown_enum_values_and_missing_required_fields_are_refused_when_parsing() {
+        let mut obj: Value = serde_yaml::from_str(MINIMAL).unwrap();
+        obj["spec"]["budget"]["policy"] = json!("fair");
+        let err = serde_json::from_value::<ThrottledConsumerSpec>(obj["spec"].clone()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown variant `fair`, expected `equal` or `demand`"),
+            "{err}"
+        );
+
+        let mut obj: Value = serde_yaml::from_str(MINIMAL).unwrap();
+        obj["spec"]["delivery"] = json!({"ordering": "global"});
+        let err = serde_json::from_value::<ThrottledConsumerSpec>(obj["spec"].clone()).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `global`"),
+            "{err}"
+        );
+
+        let mut obj: Value = serde_yaml::from_str(MINIMAL).unwrap();
+        obj["spec"]["kafka"]
+            .as_object_mut()
+            .unwrap()
+            .remove("groupId");
+        let err = serde_json::from_value::<ThrottledConsumerSpec>(obj["spec"].clone()).unwrap_err();
+        assert_eq!(err.to_string(), "missing field `groupId`");
+    }
+
+    #[test]
+    fn durations_take_one_number_and_one_unit() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in [
+            "",
+            "s",
+            "5",
+            "1.5s",
+            "5 s",
+            "-1s",
+            "1d",
+            "1s2ms",
+            "1234567890s",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn paused_fleet_desires_zero_replicas() {
+        let v = validate(&spec_with(ORDERS_SYNC, "/paused", json!(true))).unwrap();
+        assert_eq!(v.desired_replicas(), 0);
+    }
+
+    #[test]
+    fn operator_bounds_match_the_crd_schema() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(crate::crd::ThrottledConsumer::crd()).unwrap();
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"];
+        let max = |p: &str| spec.pointer(p).and_then(Value::as_f64).unwrap();
+        assert_eq!(max("/replicas/maximum"), f64::from(MAX_REPLICAS));
+        assert_eq!(
+            max("/budget/properties/messagesPerSecond/maximum"),
+            MAX_MESSAGES_PER_SECOND
+        );
+        assert_eq!(
+            max("/budget/properties/maxInFlight/maximum"),
+            f64::from(MAX_IN_FLIGHT)
+        );
+        assert_eq!(
+            max("/budget/properties/burst/maximum"),
+            f64::from(MAX_BURST)
+        );
+        assert_eq!(
+            max("/budget/properties/leaseSeconds/minimum"),
+            f64::from(LEASE_SECONDS.0)
+        );
+        assert_eq!(
+            max("/budget/properties/leaseSeconds/maximum"),
+            f64::from(LEASE_SECONDS.1)
+        );
+        assert_eq!(
+            max("/budget/properties/refreshMillis/minimum"),
+            f64::from(REFRESH_MILLIS.0)
+        );
+        assert_eq!(
+            max("/budget/properties/refreshMillis/maximum"),
+            f64::from(REFRESH_MILLIS.1)
+        );
+        assert_eq!(
+            max("/delivery/properties/retry/properties/maxAttempts/maximum"),
+            f64::from(MAX_ATTEMPTS)
+        );
+    }
+}
