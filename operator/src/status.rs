@@ -409,3 +409,323 @@ fn to_i32(n: u32) -> i32 {
 pub fn object_ref(tc: &ThrottledConsumer) -> String {
     format!("{}/{}", tc.namespace().unwrap_or_default(), tc.name_any())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{now, tc_from_yaml, ORDERS_SYNC};
+    use crate::validate::validate;
+    use pacer_budget::{MemberSnapshot, Policy, Share};
+    use serde_json::json;
+
+    fn member(
+        name: &str,
+        rate: f64,
+        in_flight: u32,
+        holding: f64,
+        state: MemberState,
+    ) -> MemberSnapshot {
+        MemberSnapshot {
+            member: name.into(),
+            rate,
+            in_flight,
+            demand: Share::new(100.0, 5),
+            holding: Share::new(holding, in_flight),
+            charged: Share::new(holding, in_flight),
+            observed_rate: Some(holding * 0.9),
+            expires_in_ms: if state == MemberState::Live { 9_400 } else { 0 },
+            state,
+        }
+    }
+
+    fn snapshot(members: Vec<MemberSnapshot>) -> Snapshot {
+        let live = members.iter().filter(|m| m.state == MemberState::Live);
+        let granted = live.fold(Share::ZERO, |s, m| {
+            Share::new(s.rate + m.rate, s.in_flight + m.in_flight)
+        });
+        Snapshot {
+            namespace: "shop".into(),
+            name: "orders-sync".into(),
+            capacity: Share::new(12.0, 6),
+            policy: Policy::Equal,
+            expected_members: 3,
+            epoch: 4,
+            learning: false,
+            granted,
+            charged: granted,
+            observed_rate: members.iter().filter_map(|m| m.observed_rate).sum(),
+            members,
+        }
+    }
+
+    fn balanced() -> Snapshot {
+        snapshot(vec![
+            member("orders-sync-7d9f-c", 4.0, 2, 4.0, MemberState::Live),
+            member("orders-sync-7d9f-a", 4.0, 2, 4.0, MemberState::Live),
+            member("orders-sync-7d9f-b", 4.0, 2, 4.0, MemberState::Live),
+        ])
+    }
+
+    fn ready_deployment(ready: i32) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "orders-sync"},
+            "status": {"replicas": 3, "readyReplicas": ready}
+        }))
+        .unwrap()
+    }
+
+    fn get<'a>(s: &'a ThrottledConsumerStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn healthy_fleet_is_ready_balanced_not_degraded_with_sorted_allocations() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let v = validate(&tc.spec).unwrap();
+        let (d, s) = (ready_deployment(3), balanced());
+        let st = compute(
+            &tc,
+            Observed {
+                validation: Ok(&v),
+                deployment: Some(&d),
+                snapshot: Some(&s),
+            },
+            now(),
+        );
+
+        assert_eq!(
+            (st.replicas, st.ready_replicas, st.observed_generation),
+            (3, 3, Some(1))
+        );
+        let summary: Vec<(&str, &str, &str)> = st
+            .conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("Ready", "True", "AllReplicasReady"),
+                ("Balanced", "True", "Converged"),
+                ("Degraded", "False", "LeasesLive"),
+                ("InvalidSpec", "False", "Valid"),
+            ]
+        );
+        assert_eq!(
+            (st.granted_rate, st.granted_in_flight, st.observed_rate),
+            (12.0, 6, 10.8)
+        );
+        let members: Vec<&str> = st.allocations.iter().map(|a| a.member.as_str()).collect();
+        assert_eq!(
+            members,
+            [
+                "orders-sync-7d9f-a",
+                "orders-sync-7d9f-b",
+                "orders-sync-7d9f-c"
+            ]
+        );
+        assert_eq!(
+            st.allocations[0]
+                .expires_at
+                .as_ref()
+                .unwrap()
+                .0
+                .to_rfc3339(),
+            "2026-01-02T03:04:14+00:00",
+            "now + 9.4 s, in whole seconds"
+        );
+        assert!(get(&st, READY).last_transition_time.0 == now());
+    }
+
+    #[test]
+    fn invalid_spec_sets_invalid_spec_and_ready_false_with_the_field_message() {
+        let mut tc = tc_from_yaml(ORDERS_SYNC);
+        tc.spec.budget.messages_per_second = 0.0;
+        let err = validate(&tc.spec).unwrap_err();
+        let st = compute(
+            &tc,
+            Observed {
+                validation: Err(&err),
+                deployment: None,
+                snapshot: None,
+            },
+            now(),
+        );
+        let msg = "spec.budget.messagesPerSecond: 0 is out of range, must be greater than 0 and at most 1000000";
+        assert_eq!(
+            (
+                get(&st, INVALID_SPEC).status.as_str(),
+                get(&st, INVALID_SPEC).message.as_str()
+            ),
+            ("True", msg)
+        );
+        assert_eq!(
+            (
+                get(&st, READY).status.as_str(),
+                get(&st, READY).reason.as_str()
+            ),
+            ("False", "InvalidSpec")
+        );
+    }
+
+    #[test]
+    fn members_still_shrinking_after_a_scale_up_are_not_balanced() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let v = validate(&tc.spec).unwrap();
+        let mut s = balanced();
+        s.members[0].rate = 2.4; // granted less, still holding 4
+        let st = compute(
+            &tc,
+            Observed {
+                validation: Ok(&v),
+                deployment: None,
+                snapshot: Some(&s),
+            },
+            now(),
+        );
+        let b = get(&st, BALANCED);
+        assert_eq!(
+            (b.status.as_str(), b.reason.as_str(), b.message.as_str()),
+            (
+                "False",
+                "Converging",
+                "2 of 3 replicas hold their granted share"
+            )
+        );
+
+        let mut s = balanced();
+        s.expected_members = 5;
+        let b = balanced_condition(Some(&s));
+        assert_eq!(
+            (b.reason, b.message.as_str()),
+            ("MembersChanging", "3 of 5 expected replicas hold a lease")
+        );
+    }
+
+    #[test]
+    fn a_learning_coordinator_is_not_balanced() {
+        let mut s = balanced();
+        s.learning = true;
+        assert_eq!(balanced_condition(Some(&s)).reason, "Learning");
+    }
+
+    #[test]
+    fn expired_leases_make_the_fleet_degraded_naming_the_members() {
+        let mut s = balanced();
+        s.members.push(member(
+            "orders-sync-old-x",
+            4.0,
+            2,
+            4.0,
+            MemberState::Expired,
+        ));
+        let d = degraded_condition(Some(&s));
+        assert_eq!((d.status, d.reason), ("True", "LeasesExpired"));
+        assert_eq!(d.message, "1 member(s) stopped refreshing their lease and may run on their fallback share: orders-sync-old-x");
+    }
+
+    #[test]
+    fn paused_and_missing_budget_are_not_ready_with_their_reasons() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let mut v = validate(&tc.spec).unwrap();
+        let d = ready_deployment(3);
+        let obs = Observed {
+            validation: Ok(&v),
+            deployment: Some(&d),
+            snapshot: None,
+        };
+        assert_eq!(ready_condition(&obs, 3).reason, "BudgetNotRegistered");
+        v.spec.paused = true;
+        let obs = Observed {
+            validation: Ok(&v),
+            deployment: Some(&d),
+            snapshot: None,
+        };
+        assert_eq!(ready_condition(&obs, 0).reason, "Paused");
+    }
+
+    #[test]
+    fn transition_time_is_kept_while_a_condition_keeps_its_status() {
+        let mut tc = tc_from_yaml(ORDERS_SYNC);
+        let v = validate(&tc.spec).unwrap();
+        let s = balanced();
+        let d2 = ready_deployment(2);
+        let first = compute(
+            &tc,
+            Observed {
+                validation: Ok(&v),
+                deployment: Some(&d2),
+                snapshot: Some(&s),
+            },
+            now(),
+        );
+        tc.status = Some(first.clone());
+        let later = now() + ChronoDuration::seconds(30);
+
+        let same = compute(
+            &tc,
+            Observed {
+                validation: Ok(&v),
+                deployment: Some(&d2),
+                snapshot: Some(&s),
+            },
+            later,
+        );
+        assert_eq!(get(&same, READY).last_transition_time.0, now());
+
+        let d3 = ready_deployment(3);
+        let flipped = compute(
+            &tc,
+            Observed {
+                validation: Ok(&v),
+                deployment: Some(&d3),
+                snapshot: Some(&s),
+            },
+            later,
+        );
+        assert_eq!(get(&flipped, READY).last_transition_time.0, later);
+        assert_eq!(get(&flipped, BALANCED).last_transition_time.0, now());
+    }
+
+    #[test]
+    fn status_is_rewritten_only_when_it_changes_materially() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let v = validate(&tc.spec).unwrap();
+        let d = ready_deployment(3);
+        let s = balanced();
+        let at = |s: &Snapshot, t| {
+            compute(
+                &tc,
+                Observed {
+                    validation: Ok(&v),
+                    deployment: Some(&d),
+                    snapshot: Some(s),
+                },
+                t,
+            )
+        };
+        let base = at(&s, now());
+
+        // A lease refresh moves expiry times and transition times: not material.
+        let mut refreshed = s.clone();
+        refreshed.members[1].expires_in_ms = 3_000;
+        let mut later = at(&refreshed, now() + ChronoDuration::seconds(7));
+        for c in &mut later.conditions {
+            c.last_transition_time = Time(now() + ChronoDuration::seconds(7));
+        }
+        assert!(materially_equal(&base, &later));
+
+        // Observed rate wobbling by 5 %: not material.
+        let mut wobble = s.clone();
+        wobble.observed_rate *= 1.05;
+        assert!(materially_equal(&base, &at(&wobble, now())));
+
+        // A member's grant moving by 25 %, or a member leaving: material.
+        let mut moved = s.clone();
+        moved.members[0].rate = 3.0;
+        assert!(!materially_equal(&base, &at(&moved, now())));
+        let mut left = s.clone();
+        left.members.pop();
+        assert!(!materially_equal(&base, &at(&left, now())));
+    }
+}
