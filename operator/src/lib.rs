@@ -6,5 +6,7 @@ pub mod crd;
 mod fixtures;
 pub mod metrics;
 pub mod reconcile;
+#[cfg(test)]
+mod scale_tests;
 pub mod status;
 pub mod validate;
