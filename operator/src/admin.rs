@@ -50,3 +50,55 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
         s.metrics.encode(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(app: Router, path: &str) -> (StatusCode, String) {
+        let res = app
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn readyz_fails_until_the_watch_has_synced_while_livez_always_answers() {
+        let state = AdminState {
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+        };
+        let app = router(state.clone());
+        assert_eq!(get(app.clone(), "/livez").await.0, StatusCode::OK);
+        assert_eq!(
+            get(app.clone(), "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        state.ready.store(true, Ordering::Release);
+        assert_eq!(get(app, "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_with_the_operator_prefix() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.reconciles.inc();
+        let app = router(AdminState {
+            metrics,
+            ready: Arc::new(AtomicBool::new(true)),
+        });
+        let (status, body) = get(app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("pacer_operator_reconciles_total 1"), "{body}");
+        assert!(
+            body.contains("pacer_operator_reconcile_duration_seconds_bucket"),
+            "{body}"
+        );
+    }
+}

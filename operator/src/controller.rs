@@ -118,3 +118,17 @@ pub fn stale_budgets(registered: &[BudgetId], live: &HashSet<BudgetId>) -> Vec<B
         .cloned()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_whose_object_is_gone_are_stale_and_live_ones_are_kept() {
+        let a = BudgetId::new("shop", "orders");
+        let b = BudgetId::new("shop", "audit");
+        let c = BudgetId::new("ops", "orders");
+        let live = HashSet::from([a.clone(), c.clone()]);
+        assert_eq!(stale_budgets(&[a, b.clone(), c], &live), vec![b]);
+    }
+}
