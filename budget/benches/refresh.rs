@@ -77,6 +77,7 @@ fn main() {
                 demand: Share::new(50.0, 5),
                 holding: None,
                 observed_rate: None,
+                holding_fallback: None,
             };
             let url = format!("http://{addr}/v1/budgets/bench/b{}/leases", m % budgets);
             let r = http
@@ -116,6 +117,7 @@ fn main() {
                         demand: Share::new(50.0, 5),
                         holding: Some(holdings[k]),
                         observed_rate: Some(10.0),
+                        holding_fallback: None,
                     };
                     let url = format!("http://{addr}/v1/budgets/bench/b{b}/leases");
                     let t = Instant::now();

@@ -117,6 +117,15 @@ impl LeaseState {
         }
     }
 
+    /// The fallback share behind what is used at `now` (reported with the holding so
+    /// the coordinator knows what this replica would fall to).
+    pub fn holding_fallback(&self, now: Instant) -> Share {
+        match &self.held {
+            Some(h) => h.grant.fallback.min(self.effective(now).share),
+            None => Share::ZERO,
+        }
+    }
+
     /// The next instant at which [`Self::effective`] changes on its own.
     pub fn next_change(&self, now: Instant) -> Option<Instant> {
         let h = self.held.as_ref()?;
@@ -247,6 +256,7 @@ async fn refresh_loop(
             member: config.member.clone(),
             demand: d.demand,
             holding: Some(holding),
+            holding_fallback: Some(state.holding_fallback(now)),
             observed_rate: d.observed_rate,
         };
         let timeout = refresh_every.clamp(Duration::from_millis(500), Duration::from_secs(5));

@@ -87,6 +87,17 @@ impl Charge {
     fn ends(&self, fallback_ms: u64) -> u64 {
         self.until.saturating_add(fallback_ms)
     }
+
+    /// The next instant after `now` at which [`Self::at`] changes.
+    fn next_step(&self, now: u64, fallback_ms: u64) -> u64 {
+        if now < self.until {
+            self.until
+        } else if now < self.ends(fallback_ms) {
+            self.ends(fallback_ms)
+        } else {
+            u64::MAX
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +119,22 @@ impl Member {
     fn is_live(&self, now: u64) -> bool {
         now < self.cur.until
     }
+
+    fn next_step(&self, now: u64, fallback_ms: u64) -> u64 {
+        self.prev
+            .next_step(now, fallback_ms)
+            .min(self.cur.next_step(now, fallback_ms))
+    }
+}
+
+/// The sum of all members' charges, kept up to date on every refresh and release, and
+/// recomputed from scratch once some charge steps down with time.
+#[derive(Debug, Clone, Copy)]
+struct Total {
+    rate: f64,
+    in_flight: u64,
+    /// The earliest instant at which some member's charge changes on its own.
+    valid_until: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +153,10 @@ pub struct Ledger {
     /// The policy's split, cached: computing it is O(n log n) and a large fleet
     /// refreshes thousands of times a second with mostly unchanged demands.
     targets: Option<Split>,
+    /// Cached sum of charges, so a refresh need not walk every member.
+    total: Option<Total>,
+    /// Members whose charges all ran out are dropped at most once per refresh interval.
+    next_gc: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +181,8 @@ impl Ledger {
             members: BTreeMap::new(),
             learning: None,
             targets: None,
+            total: None,
+            next_gc: 0,
         }
     }
 
@@ -181,6 +214,7 @@ impl Ledger {
             self.config = config;
             self.epoch += 1;
             self.targets = None;
+            self.total = None;
         }
     }
 
@@ -214,6 +248,7 @@ impl Ledger {
 
     /// Drops members whose every charge has run out.
     pub fn expire(&mut self, now: u64) {
+        self.next_gc = now.saturating_add(self.config.refresh_ms);
         let fb = self.config.fallback_ms;
         self.members
             .retain(|_, m| now < m.prev.ends(fb) || now < m.cur.ends(fb));
@@ -241,24 +276,54 @@ impl Ledger {
         sum
     }
 
+    /// The cached sum of every member's charge at `now`.
+    fn total(&mut self, now: u64) -> Total {
+        match self.total {
+            Some(t) if now < t.valid_until => t,
+            _ => {
+                let fb = self.config.fallback_ms;
+                let mut t = Total {
+                    rate: 0.0,
+                    in_flight: 0,
+                    valid_until: u64::MAX,
+                };
+                for m in self.members.values() {
+                    let c = m.charge(now, fb);
+                    t.rate += c.rate;
+                    t.in_flight += u64::from(c.in_flight);
+                    t.valid_until = t.valid_until.min(m.next_step(now, fb));
+                }
+                self.total = Some(t);
+                t
+            }
+        }
+    }
+
     /// Joins or renews `req.member` at `now` and returns its grant. The request must
     /// have been validated ([`LeaseRequest::validate`]).
     pub fn refresh(&mut self, now: u64, req: &LeaseRequest) -> Grant {
-        self.expire(now);
+        if now >= self.next_gc {
+            self.expire(now);
+        }
+        let fb = self.config.fallback_ms;
         let holding = req.holding.unwrap_or(Share::ZERO);
+        let holding_fallback = req.holding_fallback.unwrap_or(holding).min(holding);
         let lease_ms = self.config.lease_ms;
         let known = self.members.get(&req.member).cloned();
+        // What everyone else may be using, before this member's entry changes.
+        let total = self.total(now);
+        let old = known.as_ref().map_or(Share::ZERO, |m| m.charge(now, fb));
+        let others = Share::new(
+            (total.rate - old.rate).max(0.0),
+            total.in_flight.saturating_sub(u64::from(old.in_flight)) as u32,
+        );
 
         // What the member holds now, and until when it may use it.
         let prev = match &known {
             Some(m) => Charge {
                 share: holding,
                 // The fallback of the lease it holds is never more than the lease.
-                fallback: if holding == m.cur.share {
-                    m.cur.fallback.min(holding)
-                } else {
-                    holding
-                },
+                fallback: holding_fallback,
                 until: if self.learning.is_some() {
                     m.cur.until.max(now.saturating_add(lease_ms))
                 } else {
@@ -269,7 +334,7 @@ impl Ledger {
             // forgot it), counted for a full lease.
             None => Charge {
                 share: holding,
-                fallback: holding,
+                fallback: holding_fallback,
                 until: now.saturating_add(lease_ms),
             },
         };
@@ -302,7 +367,6 @@ impl Ledger {
         let (target, expected) = self.target_of(&req.member, now);
 
         // Only capacity nobody else may be using can be granted.
-        let others = self.charged_except(now, Some(&req.member));
         let cap = self.config.capacity;
         let room = Share::new(
             (cap.rate - others.rate).max(0.0),
@@ -320,7 +384,22 @@ impl Ledger {
                 fallback,
                 until: now.saturating_add(lease_ms),
             };
+            let new = m.charge(now, fb);
+            self.total = Some(Total {
+                rate: others.rate + new.rate,
+                in_flight: u64::from(others.in_flight) + u64::from(new.in_flight),
+                valid_until: total.valid_until.min(m.next_step(now, fb)),
+            });
         }
+        debug_assert!(
+            {
+                let exact = self.charged(now);
+                let cached = self.total.expect("just set");
+                (exact.rate - cached.rate).abs() <= 1e-6 * exact.rate.max(1.0)
+                    && u64::from(exact.in_flight) == cached.in_flight
+            },
+            "cached sum of charges drifted from the exact sum"
+        );
         Grant {
             rate: grant.rate,
             in_flight: grant.in_flight,
@@ -338,6 +417,8 @@ impl Ledger {
         let removed = self.members.remove(member).is_some();
         if removed {
             self.targets = None;
+            // The member's charge leaves the sum; recomputed on the next refresh.
+            self.total = None;
         }
         removed
     }

@@ -70,6 +70,10 @@ pub struct LeaseRequest {
     /// its fallback share, or zero). Absent means zero.
     #[serde(default)]
     pub holding: Option<Share>,
+    /// The fallback share that came with the lease it holds (what it would run at if
+    /// that lease expired). Absent means the whole holding, the safe assumption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding_fallback: Option<Share>,
     /// Messages per second the member actually processed recently (for status only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_rate: Option<f64>,
@@ -86,6 +90,9 @@ impl LeaseRequest {
         check_rate("demand.rate", self.demand.rate)?;
         if let Some(h) = &self.holding {
             check_rate("holding.rate", h.rate)?;
+        }
+        if let Some(h) = &self.holding_fallback {
+            check_rate("holdingFallback.rate", h.rate)?;
         }
         if let Some(o) = self.observed_rate {
             check_rate("observedRate", o)?;

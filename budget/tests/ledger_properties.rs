@@ -34,6 +34,14 @@ struct Client {
 }
 
 impl Client {
+    /// The fallback of what it uses now (what it would fall to if that ran out).
+    fn usage_fallback(&self, now: u64) -> Share {
+        match (self.down, &self.held) {
+            (false, Some((g, _))) => g.fallback.min(self.usage(now)),
+            _ => Share::ZERO,
+        }
+    }
+
     fn usage(&self, now: u64) -> Share {
         match (self.down, &self.held) {
             (false, Some((g, sent))) if now < sent + g.lease_ms => g.share(),
@@ -113,6 +121,7 @@ impl Sim {
             demand,
             holding: Some(holding),
             observed_rate: None,
+            holding_fallback: Some(self.clients[who].usage_fallback(self.now)),
         };
         req.validate().unwrap();
         let g = self.ledger.refresh(self.now, &req);
@@ -123,6 +132,7 @@ impl Sim {
             if shrank {
                 let ack = LeaseRequest {
                     holding: Some(g.share()),
+                    holding_fallback: Some(g.fallback),
                     ..req
                 };
                 let g2 = self.ledger.refresh(self.now, &ack);
@@ -372,6 +382,7 @@ fn a_lost_grant_still_counts_until_the_member_shows_it_holds_less() {
         demand: Share::new(100.0, 10),
         holding: Some(holding),
         observed_rate: None,
+        holding_fallback: None,
     };
     let g = l.refresh(0, &req("a", Share::ZERO));
     assert_eq!(g.share(), Share::new(100.0, 10));
@@ -399,6 +410,7 @@ fn a_restarted_coordinator_grants_no_more_than_holding_and_nothing_to_new_member
         demand: Share::new(100.0, 10),
         holding: Some(holding),
         observed_rate: None,
+        holding_fallback: None,
     };
     assert_eq!(
         l.refresh(0, &req("old", Share::new(30.0, 3))).share(),
@@ -422,6 +434,7 @@ fn a_released_member_frees_its_share_at_once_and_a_crashed_one_after_its_windows
         demand: Share::new(100.0, 10),
         holding: None,
         observed_rate: None,
+        holding_fallback: None,
     };
     l.refresh(0, &req("a"));
     assert!(l.release("a"));
