@@ -1,0 +1,387 @@
+//! The real `pacer` binary as a child process: exit codes for bad configuration,
+//! at-least-once across SIGKILL, zero duplicates across SIGTERM, bounded memory with a
+//! stalled sink, and an unreachable broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn run_args(bootstrap: &str, topic: &str, group: &str, sink: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "--sink",
+        sink,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (k, v) in fast_group() {
+        a.push("--kafka-config".into());
+        a.push(format!("{k}={v}"));
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn output_of(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .args(args)
+        .output()
+        .expect("run pacer")
+}
+
+#[test]
+fn bad_configuration_exits_with_code_2_naming_the_flag_the_value_and_what_is_accepted() {
+    let base = [
+        "run",
+        "--bootstrap-servers",
+        "127.0.0.1:9092",
+        "--topic",
+        "t",
+        "--group-id",
+        "g",
+    ];
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--sink", "null", "--rate", "-5"],
+            &["--rate", "-5", "> 0"],
+        ),
+        (
+            &["--sink", "ftp://x", "--rate", "5"],
+            &["--sink", "ftp://x", "kafka:TOPIC"],
+        ),
+        (
+            &["--sink", "null", "--rate", "5", "--ordering", "random"],
+            &["--ordering", "random", "partition"],
+        ),
+        (
+            &["--sink", "null", "--rate", "5", "--timeout", "soon"],
+            &["--timeout", "soon", "5s"],
+        ),
+        (&["--sink", "null"], &["--rate", "--coordinator"]),
+        (
+            &[
+                "--sink",
+                "null",
+                "--coordinator",
+                "http://c:1",
+                "--budget",
+                "ns/b",
+            ],
+            &["--token-file"],
+        ),
+        (
+            &["--sink", "null", "--rate", "5", "--max-in-flight", "0"],
+            &["--max-in-flight", "0"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        let out = output_of(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        for n in *needles {
+            assert!(
+                stderr.contains(n),
+                "{extra:?}: stderr lacks {n:?}: {stderr}"
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn every_flag_can_come_from_the_environment() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .arg("run")
+        .env("PACER_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+        .env("PACER_TOPICS", "a,b")
+        .env("PACER_GROUP_ID", "g")
+        .env("PACER_SINK", "null")
+        .env("PACER_RATE", "abc")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("abc") && stderr.contains("--rate"),
+        "{stderr}"
+    );
+}
+
+/// The admin port a child logged ("Admin HTTP listening").
+async fn admin_port_of(p: &mut Pacer, log: &std::path::Path) -> u16 {
+    let mut port = None;
+    wait_for(
+        "the admin address in the log",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            port = text
+                .lines()
+                .find(|l| l.contains("Admin HTTP listening"))
+                .and_then(|l| l.split("127.0.0.1:").nth(1))
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|d| d.parse().ok());
+            port.is_some()
+        },
+    )
+    .await;
+    let _ = p;
+    port.unwrap()
+}
+
+fn spawn_logged(args: &[String], log: &std::path::Path) -> Pacer {
+    let file = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .args(args)
+        .env("PACER_LOG", "info,rdkafka=warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn pacer");
+    Pacer { child }
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pacer-test-{}-{name}.log", std::process::id()))
+}
+
+fn ids(sink: &TestSink) -> HashMap<usize, usize> {
+    let mut m = HashMap::new();
+    for s in sink.state.delivered() {
+        if let Some(id) = s.id {
+            *m.entry(id).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicates() {
+    let kafka = Kafka::new();
+    kafka.topic("kill", 8);
+    const N: usize = 12_000;
+    kafka.produce("kill", 8, 0..N, 100, |_| None);
+    let sink = TestSink::ok().await;
+    let (rate, in_flight) = (2000, 8);
+    let extra = [
+        "--rate",
+        "2000",
+        "--max-in-flight",
+        "8",
+        "--buffer-messages",
+        "500",
+    ];
+    let args = run_args(&kafka.bootstrap, "kill", "g-kill", &sink.url(), &extra);
+    let mut first = Pacer::spawn(&args);
+    let state = sink.state.clone();
+    wait_for("4,000 deliveries", Duration::from_secs(40), || {
+        state.delivered_count() >= 4000
+    })
+    .await;
+    first.signal(libc::SIGKILL);
+    assert!(
+        first.wait(Duration::from_secs(10)).is_none(),
+        "killed, so no exit code"
+    );
+    let before = sink.state.delivered_count();
+    let _second = Pacer::spawn(&args);
+    wait_for("every message delivered", Duration::from_secs(90), || {
+        ids(&sink).len() >= N
+    })
+    .await;
+    let seen = ids(&sink);
+    assert!((0..N).all(|i| seen.contains_key(&i)), "a message was lost");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    // Delivered but not yet committed when killed: in flight, plus what completed within
+    // one auto-commit interval (200 ms here) and one offset-store interval.
+    let bound = in_flight + rate * 250 / 1000;
+    eprintln!("killed after {before} deliveries; {duplicates} duplicates (bound {bound})");
+    assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigterm_a_new_replica_continues_without_a_single_duplicate() {
+    let kafka = Kafka::new();
+    kafka.topic("term", 8);
+    const N: usize = 8_000;
+    kafka.produce("term", 8, 0..N, 100, |_| None);
+    // Slow enough that work is in flight at the signal.
+    let sink = TestSink::start(Arc::new(|_| Reply {
+        delay: Duration::from_millis(20),
+        ..Reply::OK
+    }))
+    .await;
+    let extra = [
+        "--rate",
+        "1000",
+        "--max-in-flight",
+        "16",
+        "--buffer-messages",
+        "500",
+    ];
+    let args = run_args(&kafka.bootstrap, "term", "g-term", &sink.url(), &extra);
+    let mut first = Pacer::spawn(&args);
+    let state = sink.state.clone();
+    wait_for("2,000 deliveries", Duration::from_secs(40), || {
+        state.delivered_count() >= 2000
+    })
+    .await;
+    first.signal(libc::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || {
+        let c = first.wait(Duration::from_secs(30));
+        (c, first)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code.0, Some(0), "a clean shutdown exits 0");
+    let _second = Pacer::spawn(&args);
+    wait_for("every message delivered", Duration::from_secs(90), || {
+        ids(&sink).len() >= N
+    })
+    .await;
+    let seen = ids(&sink);
+    let duplicates: Vec<_> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(i, _)| *i)
+        .collect();
+    assert!(
+        duplicates.is_empty(),
+        "duplicates after SIGTERM: {:?}",
+        &duplicates[..duplicates.len().min(20)]
+    );
+    assert_eq!(seen.len(), N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_it_recovers() {
+    let kafka = Kafka::new();
+    // 200,000 x 1 KiB: 64 partitions keep each under the mock broker's 5 MiB retention.
+    kafka.topic("stall", 64);
+    kafka.produce("stall", 64, 0..200_000, 1024, |_| None);
+    let sink = TestSink::ok().await;
+    sink.state.stalled.store(true, Ordering::SeqCst);
+    let log = tmp("stall");
+    let extra = [
+        "--rate",
+        "unlimited",
+        "--max-in-flight",
+        "16",
+        "--buffer-messages",
+        "1000",
+        "--timeout",
+        "60s",
+    ];
+    let args = run_args(&kafka.bootstrap, "stall", "g-stall", &sink.url(), &extra);
+    let mut p = spawn_logged(&args, &log);
+    let port = admin_port_of(&mut p, &log).await;
+    let mut max_rss = 0;
+    let mut max_buffer = 0.0f64;
+    let mut paused = 0.0f64;
+    let until = Instant::now() + Duration::from_secs(60);
+    // Watch the stalled replica for 8 s after its partitions are paused.
+    let mut paused_at: Option<Instant> = None;
+    while Instant::now() < until && paused_at.is_none_or(|t| t.elapsed() < Duration::from_secs(8)) {
+        max_rss = max_rss.max(p.rss_kib().unwrap_or(0));
+        if let Some(m) = scrape(port).await {
+            max_buffer = max_buffer.max(metric(&m, "pacer_buffer_messages").unwrap_or(0.0));
+            paused = metric(&m, "pacer_paused_partitions").unwrap_or(0.0);
+            if paused > 0.0 && paused_at.is_none() {
+                paused_at = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(paused_at.is_some(), "the partitions were never paused");
+    assert_eq!(paused, 64.0);
+    assert!(max_buffer <= 1000.0, "buffer reached {max_buffer} > 1000");
+    assert_eq!(
+        sink.state.current.load(Ordering::SeqCst),
+        16,
+        "16 requests held by the stalled sink"
+    );
+    eprintln!(
+        "stalled: max RSS {} MiB, max buffer {max_buffer}",
+        max_rss / 1024
+    );
+    assert!(
+        max_rss < 150 * 1024,
+        "resident memory {} MiB",
+        max_rss / 1024
+    );
+    // Recovery: deliveries flow again, well past what the buffer held.
+    sink.state.stalled.store(false, Ordering::SeqCst);
+    let state = sink.state.clone();
+    wait_for(
+        "20,000 deliveries after recovery",
+        Duration::from_secs(60),
+        || state.delivered_count() >= 20_000,
+    )
+    .await;
+    max_rss = max_rss.max(p.rss_kib().unwrap_or(0));
+    let m = scrape(port).await.unwrap_or_default();
+    eprintln!("recovered: max RSS {} MiB", max_rss / 1024);
+    assert!(
+        max_rss < 150 * 1024,
+        "resident memory {} MiB",
+        max_rss / 1024
+    );
+    assert!(metric(&m, "pacer_buffer_messages").unwrap_or(0.0) <= 1000.0);
+    p.signal(libc::SIGTERM);
+    let _ = std::fs::remove_file(&log);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdown_is_clean() {
+    let kafka = Kafka::new();
+    for (name, bootstrap, topic) in [
+        ("nobroker", "127.0.0.1:1".to_string(), "t"),
+        ("notopic", kafka.bootstrap.clone(), "does-not-exist"),
+    ] {
+        let log = tmp(name);
+        let args = run_args(&bootstrap, topic, "g-bad", "null", &["--rate", "10"]);
+        let mut p = spawn_logged(&args, &log);
+        let port = admin_port_of(&mut p, &log).await;
+        let live = reqwest::get(format!("http://127.0.0.1:{port}/livez"))
+            .await
+            .unwrap();
+        assert_eq!(live.status(), 200);
+        if name == "notopic" {
+            wait_for("a Kafka error metric", Duration::from_secs(30), || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .contains("Kafka consumer error")
+            })
+            .await;
+        } else {
+            let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+                .await
+                .unwrap();
+            assert_eq!(ready.status(), 503, "not in a group, not ready");
+        }
+        p.signal(libc::SIGTERM);
+        let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(code, Some(0), "{name}: {text}");
+        assert!(!text.contains("panicked"), "{text}");
+        let _ = std::fs::remove_file(&log);
+    }
+}
