@@ -121,15 +121,24 @@ pub fn pdb_name(tc: &ThrottledConsumer) -> String {
 
 /// Labels that select one fleet's pods.
 pub fn selector_labels(tc: &ThrottledConsumer) -> BTreeMap<String, String> {
+    selector_labels_for(&tc.name_any())
+}
+
+fn selector_labels_for(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "pacer".to_string()),
-        (LABEL_CONSUMER.to_string(), tc.name_any()),
+        (LABEL_CONSUMER.to_string(), name.to_string()),
     ])
 }
 
 /// The selector as a string, for `status.selector` (scale subresource).
 pub fn selector_string(tc: &ThrottledConsumer) -> String {
-    selector_labels(tc)
+    selector_string_for(&tc.name_any())
+}
+
+/// [`selector_string`] from the object's name alone.
+pub fn selector_string_for(name: &str) -> String {
+    selector_labels_for(name)
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
@@ -480,6 +489,14 @@ pub fn is_up_to_date(live: &ObjectMeta, desired: &ObjectMeta) -> bool {
     hash(live).is_some() && hash(live) == hash(desired)
 }
 
+/// Whether the live Deployment needs no apply: same applied-hash, and nobody scaled it
+/// behind the operator's back (`kubectl scale deploy/...` keeps the annotation but must
+/// still be undone: the replica count follows `spec.replicas`).
+pub fn deployment_is_up_to_date(live: &Deployment, desired: &Deployment) -> bool {
+    let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas);
+    is_up_to_date(&live.metadata, &desired.metadata) && replicas(live) == replicas(desired)
+}
+
 /// FNV-1a (64-bit) of the object's JSON: stable across builds and Rust versions, unlike
 /// `DefaultHasher`, so an operator restart does not re-apply every child.
 fn content_hash(obj: &impl serde::Serialize) -> String {
@@ -765,6 +782,15 @@ mod tests {
         ));
         // A live object without the annotation is never up to date.
         assert!(!is_up_to_date(&ObjectMeta::default(), &d.metadata));
+    }
+
+    #[test]
+    fn deployment_scaled_behind_the_operators_back_is_not_up_to_date() {
+        let (_, _, d) = built(ORDERS_SYNC);
+        assert!(deployment_is_up_to_date(&d, &d));
+        let mut scaled = d.clone();
+        scaled.spec.as_mut().unwrap().replicas = Some(7);
+        assert!(!deployment_is_up_to_date(&scaled, &d));
     }
 
     #[test]

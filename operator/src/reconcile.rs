@@ -28,6 +28,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::chrono::{DateTime, Utc};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -102,6 +103,8 @@ pub struct Context {
     pub resync: Duration,
     /// Consecutive failures per object, for the error backoff; reset on success.
     failures: Mutex<HashMap<String, u32>>,
+    /// Generation of each unparseable object whose status already says so.
+    unparseable: Mutex<HashMap<String, Option<i64>>>,
     /// Tokens handed to the coordinator, so a deleted Secret is recreated with the same
     /// token instead of locking out running replicas.
     tokens: Mutex<HashMap<BudgetId, String>>,
@@ -133,6 +136,7 @@ impl Context {
             clock,
             resync,
             failures: Mutex::default(),
+            unparseable: Mutex::default(),
             tokens: Mutex::default(),
         }
     }
@@ -144,6 +148,10 @@ impl Context {
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unparseable(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<i64>>> {
+        self.unparseable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<BudgetId, String>> {
@@ -194,27 +202,49 @@ pub async fn reconcile(
     ctx.metrics.reconciles.inc();
     let result = match &guard.0 {
         Ok(tc) => reconcile_one(tc, &ctx).await,
-        Err(invalid) => {
-            // The API server accepted it, so the CRD in the cluster is older or newer
-            // than this operator. Nothing sensible can be written; wait for an edit.
-            ctx.metrics.invalid_specs.inc();
-            warn!(
-                object = %format!(
-                    "{}/{}",
-                    invalid.metadata.namespace.as_deref().unwrap_or_default(),
-                    invalid.metadata.name.as_deref().unwrap_or_default()
-                ),
-                error = %invalid.error,
-                "ThrottledConsumer does not deserialize; is the installed CRD from another operator version?"
-            );
-            Ok(Action::await_change())
-        }
+        Err(invalid) => reconcile_unparseable(invalid, &ctx).await,
     };
     ctx.metrics.observe_duration(started.elapsed());
     if result.is_ok() {
         ctx.failures().remove(&guard_key(&guard));
     }
     result
+}
+
+/// An object the API server accepted but this operator cannot parse (a CRD from another
+/// operator version, or a `template` that is not a pod template). Says so in the status,
+/// once per generation: the status write itself triggers a reconcile, and without the
+/// old status to compare with, only the generation tells that nothing changed.
+async fn reconcile_unparseable(invalid: &InvalidObject, ctx: &Context) -> Result<Action, Error> {
+    ctx.metrics.invalid_specs.inc();
+    let ns = invalid.metadata.namespace.clone().unwrap_or_default();
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    let key = format!("{ns}/{name}");
+    let generation = invalid.metadata.generation;
+    if ctx.unparseable().get(&key) == Some(&generation) {
+        return Ok(Action::await_change());
+    }
+    warn!(object = %key, error = %invalid.error, "ThrottledConsumer does not parse; waiting for a change");
+    let new = status::unparseable(&name, &invalid.error, generation, (ctx.clock)());
+    let api: Api<DeserializeGuard<ThrottledConsumer>> = Api::namespaced(ctx.client.clone(), &ns);
+    let body = json!({
+        "apiVersion": ThrottledConsumer::api_version(&()),
+        "kind": ThrottledConsumer::kind(&()),
+        "status": new,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::PatchStatus {
+        name: name.clone(),
+        source,
+    })?;
+    ctx.metrics.write("status", "apply");
+    ctx.unparseable().insert(key, generation);
+    Ok(Action::await_change())
 }
 
 /// The controller's error policy: count by category, back off per object.
@@ -378,7 +408,7 @@ async fn apply_deployment(
             source,
         })?;
     if let Some(live) = live {
-        if build::is_up_to_date(&live.metadata, &desired.metadata) {
+        if build::deployment_is_up_to_date(&live, &desired) {
             ctx.metrics.write("deployment", "skip");
             return Ok(live);
         }
@@ -725,16 +755,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn malformed_object_is_skipped_without_any_request() {
+    async fn malformed_object_gets_an_invalid_spec_status_once_per_generation() {
         let (ctx, api) = fixtures::context(Coordinator::new());
         let mut raw: Value = serde_yaml::from_str(MINIMAL).unwrap();
+        raw["metadata"]["namespace"] = "default".into();
+        raw["metadata"]["generation"] = 4.into();
         raw["spec"]["budget"]["policy"] = "fair".into();
-        let guard: DeserializeGuard<ThrottledConsumer> = serde_json::from_value(raw).unwrap();
+        let guard: DeserializeGuard<ThrottledConsumer> =
+            serde_json::from_value(raw.clone()).unwrap();
         assert!(guard.0.is_err());
+        let guard = Arc::new(guard);
+        let uri = "/apis/pacer.dev/v1alpha1/namespaces/default/throttledconsumers/audit-export/status?&force=true&fieldManager=pacer-operator";
+        let steps = vec![Step::new(Method::PATCH, uri, StatusCode::OK, Some(raw))];
 
-        let (result, seen, _) = converse(api, vec![], reconcile(Arc::new(guard), ctx)).await;
+        let (result, seen, api) = converse(api, steps, reconcile(guard.clone(), ctx.clone())).await;
 
         assert_eq!(result.unwrap(), Action::await_change());
+        let status = &seen[0].body["status"];
+        assert_eq!(status["observedGeneration"], 4);
+        let invalid = condition(status, "InvalidSpec");
+        assert_eq!(invalid["status"], "True");
+        assert_eq!(
+            invalid["message"],
+            "the object does not parse as a ThrottledConsumer: Unknown variant fair. Expected one of equal, demand"
+        );
+        assert_eq!(condition(status, "Ready")["reason"], "InvalidSpec");
+
+        // The status write comes back as a watch event: nothing more to say.
+        let (again, seen, _) = converse(api, vec![], reconcile(guard, ctx)).await;
+        assert_eq!(again.unwrap(), Action::await_change());
         assert!(seen.is_empty());
     }
 
@@ -767,6 +816,68 @@ mod tests {
         let (result, _, _) = converse(api, steps, reconcile_one(&without, &ctx)).await;
 
         result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn budget_edit_reaches_the_coordinator_without_restarting_the_pods() {
+        let coord = Coordinator::new();
+        let (ctx, api) = fixtures::context(coord.clone());
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let u = Uris::of(&tc);
+        let (_, seen, api) = converse(
+            api,
+            first_reconcile_steps(&u, &tc),
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+        let mut edited = tc.clone();
+        edited.spec.budget.messages_per_second = 20.0;
+        edited.spec.budget.max_in_flight = 8;
+        edited.metadata.generation = Some(2);
+        edited.status = Some(serde_json::from_value(seen[6].body["status"].clone()).unwrap());
+        let steps = vec![
+            Step::get(u.secret(), seen[1].body.clone()),
+            Step::get(u.deployment(), seen[3].body.clone()),
+            Step::get(u.pdb(), seen[5].body.clone()),
+            Step::status_apply(u.status_apply(), &edited),
+        ];
+
+        let (result, seen, _) = converse(api, steps, reconcile_one(&edited, &ctx)).await;
+
+        result.unwrap();
+        assert_eq!(seen[3].body["status"]["observedGeneration"], 2);
+        let snapshot = coord
+            .snapshot(&BudgetId::new("shop", "orders-sync"))
+            .unwrap();
+        assert_eq!(snapshot.capacity, Share::new(20.0, 8));
+    }
+
+    #[tokio::test]
+    async fn deployment_scaled_by_hand_is_scaled_back_to_spec_replicas() {
+        let (ctx, api) = fixtures::context(Coordinator::new());
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let u = Uris::of(&tc);
+        let (_, seen, api) = converse(
+            api,
+            first_reconcile_steps(&u, &tc),
+            reconcile_one(&tc, &ctx),
+        )
+        .await;
+        let mut again = tc.clone();
+        again.status = Some(serde_json::from_value(seen[6].body["status"].clone()).unwrap());
+        let mut scaled_by_hand = seen[3].body.clone();
+        scaled_by_hand["spec"]["replicas"] = 7.into();
+        let steps = vec![
+            Step::get(u.secret(), seen[1].body.clone()),
+            Step::get(u.deployment(), scaled_by_hand),
+            Step::echo(Method::PATCH, u.deployment_apply()),
+            Step::get(u.pdb(), seen[5].body.clone()),
+        ];
+
+        let (result, seen, _) = converse(api, steps, reconcile_one(&again, &ctx)).await;
+
+        result.unwrap();
+        assert_eq!(seen[2].body["spec"]["replicas"], 3);
     }
 
     #[test]

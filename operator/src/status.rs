@@ -85,6 +85,30 @@ pub fn compute(
     }
 }
 
+/// Status of an object that does not parse: `InvalidSpec` and not `Ready`, with the
+/// parser's message.
+pub fn unparseable(
+    name: &str,
+    error: &str,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> ThrottledConsumerStatus {
+    let message = format!("the object does not parse as a ThrottledConsumer: {error}");
+    let conditions = [
+        cond(READY, Some(false), "InvalidSpec", message.clone()),
+        cond(INVALID_SPEC, Some(true), "InvalidSpec", message),
+    ]
+    .into_iter()
+    .map(|c| finish_condition(c, &[], generation, now))
+    .collect();
+    ThrottledConsumerStatus {
+        observed_generation: generation,
+        selector: crate::build::selector_string_for(name),
+        conditions,
+        ..Default::default()
+    }
+}
+
 /// A condition before its time and generation are filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cond {
