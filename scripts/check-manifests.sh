@@ -5,7 +5,9 @@
 #      the Kubernetes version's OpenAPI schemas;
 #   3. the generated CRD validated as apiextensions.k8s.io/v1, plus structural-schema
 #      checks the API server would make;
-#   4. every crds/examples/*.yaml validated against the CRD's openAPIV3Schema.
+#   4. every crds/examples/*.yaml validated against the CRD's openAPIV3Schema;
+#   5. the children the operator builds for each example (`pacer-operator render`)
+#      validated with kubernetes-validate.
 # CEL rules (x-kubernetes-validations) need an API server and are not evaluated here;
 # their twins in operator/src/validate.rs are unit-tested instead.
 #
@@ -181,4 +183,27 @@ if validator.is_valid(bad):
     print("    the schema accepted policy=fair and replicas=-1")
 sys.exit(1 if failed else 0)
 PY
+# --- 5. what the operator applies -------------------------------------------------------
+log "kubernetes-validate on the children the operator builds for each example"
+OPERATOR="${PACER_OPERATOR_BIN:-}"
+if [[ -z "$OPERATOR" ]]; then
+  (cd "$ROOT" && cargo build -q -p pacer-operator --bin pacer-operator)
+  OPERATOR="$ROOT/target/debug/pacer-operator"
+fi
+children="$rendered/children"
+mkdir -p "$children"
+for example in "$ROOT"/crds/examples/*.yaml; do
+  base="$(basename "$example" .yaml)"
+  "$OPERATOR" render "$example" > "$children/$base.yaml"
+  "$PY" - "$children/$base.yaml" <<'PY'
+import pathlib, sys, yaml
+src = pathlib.Path(sys.argv[1])
+for i, d in enumerate(d for d in yaml.safe_load_all(src.read_text()) if d):
+    (src.parent / f"{src.stem}-{i:02d}-{d['kind']}.yaml").write_text(yaml.safe_dump(d))
+src.unlink()
+PY
+done
+"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$children"/*.yaml
+for f in "$children"/*.yaml; do echo "    ${f##*/}: ok"; done
+
 log "all manifests valid"

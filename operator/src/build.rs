@@ -823,3 +823,75 @@ mod tests {
         assert!(pod_disruption_budget(&tc, &v).is_none());
     }
 }
+
+/// Why [`render`] could not build the children of a file.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("not a ThrottledConsumer: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    #[error("invalid spec: {0}")]
+    Invalid(#[from] crate::validate::InvalidSpec),
+}
+
+/// The children the operator would apply for a ThrottledConsumer manifest, as a YAML
+/// stream (`pacer-operator render`): a dry run without a cluster, also used to
+/// schema-check what the builders produce. The object gets a placeholder uid and the
+/// namespace `default` when it has none; the token is a placeholder.
+pub fn render(yaml: &str, settings: &BuildSettings) -> Result<String, RenderError> {
+    let mut tc: ThrottledConsumer = serde_yaml::from_str(yaml)?;
+    tc.metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    tc.metadata
+        .uid
+        .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+    let v = crate::validate::validate(&tc.spec)?;
+    let mut out = String::new();
+    let mut push = |obj: serde_yaml::Result<String>| {
+        out.push_str("---\n");
+        out.push_str(&obj.expect("k8s objects serialize"));
+    };
+    push(serde_yaml::to_string(&token_secret(
+        &tc,
+        "<generated once by the operator>",
+    )));
+    push(serde_yaml::to_string(&deployment(&tc, &v, settings)));
+    if let Some(pdb) = pod_disruption_budget(&tc, &v) {
+        push(serde_yaml::to_string(&pdb));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+    use crate::fixtures::{settings, MINIMAL, ORDERS_SYNC};
+    use serde::Deserialize;
+
+    #[test]
+    fn render_prints_secret_deployment_and_pdb_of_an_example() {
+        let kinds = |yaml: &str| -> Vec<String> {
+            let out = render(yaml, &settings()).unwrap();
+            serde_yaml::Deserializer::from_str(&out)
+                .map(|d| {
+                    let v = serde_yaml::Value::deserialize(d).unwrap();
+                    v["kind"].as_str().unwrap().to_string()
+                })
+                .collect()
+        };
+        assert_eq!(
+            kinds(ORDERS_SYNC),
+            ["Secret", "Deployment", "PodDisruptionBudget"]
+        );
+        assert_eq!(kinds(MINIMAL), ["Secret", "Deployment"]);
+    }
+
+    #[test]
+    fn render_refuses_an_invalid_spec_with_the_field_message() {
+        let bad = MINIMAL.replace("maxInFlight: 10", "maxInFlight: 0");
+        assert_eq!(
+            render(&bad, &settings()).unwrap_err().to_string(),
+            "invalid spec: spec.budget.maxInFlight: 0 is out of range, must be 1 to 100000"
+        );
+    }
+}

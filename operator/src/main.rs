@@ -31,6 +31,29 @@ enum Command {
     Crd,
     /// Run the controller and the embedded budget coordinator.
     Run(RunConfig),
+    /// Print the Secret, Deployment and PodDisruptionBudget the operator would apply for
+    /// a ThrottledConsumer manifest (a dry run; no cluster needed).
+    Render(RenderConfig),
+}
+
+#[derive(Debug, clap::Args)]
+struct RenderConfig {
+    /// A ThrottledConsumer manifest (YAML).
+    file: std::path::PathBuf,
+    /// Default image of the replicas.
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_REPLICA_IMAGE",
+        default_value = "ghcr.io/pacer-dev/pacer:latest"
+    )]
+    replica_image: String,
+    /// URL at which replicas reach the coordinator.
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_COORDINATOR_URL",
+        default_value = "http://pacer.pacer-system.svc:8080"
+    )]
+    coordinator_url: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,6 +100,22 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Render(RenderConfig {
+            file,
+            replica_image,
+            coordinator_url,
+        }) => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let settings = BuildSettings {
+                image: replica_image,
+                coordinator_url,
+            };
+            let out = pacer_operator::build::render(&yaml, &settings)
+                .with_context(|| format!("rendering {}", file.display()))?;
+            print!("{out}");
             Ok(())
         }
         Command::Run(cfg) => tokio::runtime::Runtime::new()
