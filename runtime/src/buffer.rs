@@ -302,7 +302,7 @@ mod tests {
             let mut out: Vec<Message> = Vec::new();
             let mut last: HashMap<(i32, Bytes), i64> = HashMap::new();
             let mut done = 0;
-            for release in releases.iter().copied().chain(std::iter::repeat(true).take(400)) {
+            for release in releases.iter().copied().chain(std::iter::repeat_n(true, 400)) {
                 if release && !out.is_empty() {
                     let m = out.remove(0);
                     b.release(&m.tp, m.key.as_ref(), m.offset);

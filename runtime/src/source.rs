@@ -38,6 +38,8 @@ use crate::pipeline::Shared;
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 /// How many messages one lock of the core takes at most (amortises the mutex).
 const MAX_BATCH: usize = 512;
+/// How long shutdown keeps retrying a commit refused during a group rebalance.
+const CLOSE_COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 /// How long the buffer must stay full before its partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_millis(250);
 /// Sleep between checks while the buffer is full and not yet paused.
@@ -338,21 +340,46 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         shared.arrivals.fetch_add(n, AtomicOrdering::Relaxed);
         shared.wake.notify_one();
     }
-    // Closing: store and commit what is complete, then leave the group (drop).
+    // Closing: store and commit what is complete, then leave the group (drop). While
+    // another member's join or leave is rebalancing the group, the commit is refused
+    // (RebalanceInProgress, IllegalGeneration); keep serving the group (partitions are
+    // paused, so nothing new arrives) and retry until it settles or the deadline passes.
     store(&consumer, &shared);
-    let offsets: Vec<(TopicPartition, i64)> = {
-        let core = shared.lock();
-        core.tracker
-            .all_committable()
-            .into_iter()
-            .filter(|(tp, _)| core.assigned.contains_key(tp))
-            .collect()
-    };
-    commit(&consumer, &offsets, "shutdown");
-    info!(
-        partitions = offsets.len(),
-        "Committed on shutdown; leaving the group"
-    );
+    let deadline = Instant::now() + CLOSE_COMMIT_DEADLINE;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let offsets: Vec<(TopicPartition, i64)> = {
+            let core = shared.lock();
+            core.tracker
+                .all_committable()
+                .into_iter()
+                .filter(|(tp, _)| core.assigned.contains_key(tp))
+                .collect()
+        };
+        if offsets.is_empty() {
+            break;
+        }
+        match consumer.commit(&to_tpl(&offsets), CommitMode::Sync) {
+            Ok(()) => {
+                info!(
+                    partitions = offsets.len(),
+                    attempts, "Committed on shutdown; leaving the group"
+                );
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                debug!(error = %e, attempts, "Commit on shutdown refused; serving the group and retrying");
+                let _ = consumer.store_offsets(&to_tpl(&offsets));
+                // Serve callbacks; any message is of a paused partition's old fetch.
+                let _ = consumer.poll(Duration::from_millis(100));
+            }
+            Err(e) => {
+                warn!(error = %e, attempts, "Could not commit on shutdown; the next owner re-delivers from the last commit");
+                break;
+            }
+        }
+    }
     // Dropping closes the consumer: it leaves the group (so others take over at once),
     // serving the final revoke callback on the way.
     drop(consumer);

@@ -361,6 +361,7 @@ impl InProcess {
     }
 
     pub async fn start_with(config: RunConfig, allowance: Allowance) -> InProcess {
+        init_logs();
         let (tx, rx) = watch::channel(allowance);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (h_tx, h_rx) = oneshot::channel();
@@ -401,6 +402,16 @@ impl InProcess {
     pub fn metrics(&self) -> String {
         self.handle.shared.metrics.encode()
     }
+}
+
+/// Logs of in-process replicas go to the test output (`PACER_LOG`, default warn).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PACER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// Polls `cond` every 20 ms until it holds, failing the test after `timeout`.

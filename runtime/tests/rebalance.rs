@@ -1,0 +1,105 @@
+//! Rebalances: replicas join and leave a group mid-stream while one message keeps
+//! failing. Nothing may be lost and no offset may be committed past the failing message.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use pacer_runtime::config::{BudgetSource, SinkSpec};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message() {
+    let kafka = Kafka::new();
+    kafka.topic("reb", 6);
+    const N: usize = 4_800;
+    const STUCK: usize = 1_000;
+    kafka.produce("reb", 6, 0..N, 100, |_| None);
+    // Message STUCK fails (500, no dead-letter topic: retried forever) until released.
+    let release = Arc::new(AtomicBool::new(false));
+    let rel = release.clone();
+    let sink = TestSink::start(Arc::new(move |s| Reply {
+        status: if s.id == Some(STUCK) && !rel.load(Ordering::SeqCst) {
+            500
+        } else {
+            200
+        },
+        ..Reply::OK
+    }))
+    .await;
+    let cfg = || {
+        let mut c = config(&kafka.bootstrap, "reb", "g-reb", SinkSpec::Http(sink.url()));
+        c.budget = BudgetSource::Standalone {
+            rate: 400.0,
+            in_flight: 8,
+        };
+        c.retry.max_delay = Duration::from_millis(200);
+        c.shutdown_grace = Duration::from_secs(2);
+        c
+    };
+    let delivered_ids = |sink: &TestSink| -> HashSet<usize> {
+        sink.state.delivered().iter().filter_map(|s| s.id).collect()
+    };
+
+    let a = InProcess::start(cfg()).await;
+    let b = InProcess::start(cfg()).await;
+    let state = sink.state.clone();
+    wait_for(
+        "1,200 deliveries by two replicas",
+        Duration::from_secs(60),
+        || state.delivered_count() >= 1_200,
+    )
+    .await;
+    let c = InProcess::start(cfg()).await;
+    wait_for(
+        "2,400 deliveries after the third joined",
+        Duration::from_secs(60),
+        || state.delivered_count() >= 2_400,
+    )
+    .await;
+    a.stop().await;
+    wait_for(
+        "every message but the stuck one",
+        Duration::from_secs(90),
+        || delivered_ids(&sink).len() >= N - 1,
+    )
+    .await;
+    let ids = delivered_ids(&sink);
+    assert!(!ids.contains(&STUCK));
+    assert!(
+        (0..N).filter(|i| *i != STUCK).all(|i| ids.contains(&i)),
+        "a message was lost"
+    );
+    // Stop everyone cleanly while STUCK is still failing; whatever they commit must not
+    // pass it, so a fresh replica of the group gets it again.
+    b.stop().await;
+    c.stop().await;
+    release.store(true, Ordering::SeqCst);
+    let fresh_sink = TestSink::ok().await;
+    let mut fc = cfg();
+    fc.sink = SinkSpec::Http(fresh_sink.url());
+    let fresh = InProcess::start(fc).await;
+    let fs = fresh_sink.state.clone();
+    wait_for(
+        "the stuck message delivered by a fresh replica",
+        Duration::from_secs(60),
+        || fs.delivered().iter().any(|s| s.id == Some(STUCK)),
+    )
+    .await;
+    fresh.stop().await;
+    // Only the stuck message's partition resumes at it; every other partition was
+    // committed to its end.
+    let redelivered: HashSet<usize> = fresh_sink
+        .state
+        .delivered()
+        .iter()
+        .filter_map(|s| s.id)
+        .collect();
+    assert!(
+        redelivered.iter().all(|i| i % 6 == STUCK % 6),
+        "other partitions were re-delivered: {redelivered:?}"
+    );
+}
