@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::Context;
 
 /// Longest a whole mocked conversation may take.
-pub const TIMEOUT: Duration = Duration::from_secs(2);
+pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub const ORDERS_SYNC: &str = include_str!("../../crds/examples/orders-sync.yaml");
 pub const MINIMAL: &str = include_str!("../../crds/examples/minimal.yaml");

@@ -562,3 +562,56 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::fixtures::ORDERS_SYNC;
+    use proptest::prelude::*;
+
+    fn example() -> ThrottledConsumerSpec {
+        serde_yaml::from_str::<crate::crd::ThrottledConsumer>(ORDERS_SYNC)
+            .unwrap()
+            .spec
+    }
+
+    proptest! {
+        /// The operator's budget checks agree with the CRD's bounds and CEL rules for
+        /// every combination, not just the hand-picked cases.
+        #[test]
+        fn budget_is_accepted_exactly_when_the_crd_rules_hold(
+            rate in -10.0f64..2_000_000.0,
+            in_flight in -5i32..200_000,
+            lease in -5i32..4_000,
+            refresh in 0i32..700_000,
+        ) {
+            let mut spec = example();
+            spec.budget.messages_per_second = rate;
+            spec.budget.max_in_flight = in_flight;
+            spec.budget.lease_seconds = lease;
+            spec.budget.refresh_millis = refresh;
+            let crd_rules_hold = rate > 0.0
+                && rate <= MAX_MESSAGES_PER_SECOND
+                && (1..=MAX_IN_FLIGHT).contains(&in_flight)
+                && (LEASE_SECONDS.0..=LEASE_SECONDS.1).contains(&lease)
+                && (REFRESH_MILLIS.0..=REFRESH_MILLIS.1).contains(&refresh)
+                && i64::from(lease) * 1000 > 2 * i64::from(refresh);
+            prop_assert_eq!(validate(&spec).is_ok(), crd_rules_hold);
+        }
+
+        /// Whatever the replica count, the Deployment and the coordinator are told the
+        /// same number.
+        #[test]
+        fn deployment_and_coordinator_agree_on_replicas(replicas in 0i32..=MAX_REPLICAS, paused: bool) {
+            let mut tc: crate::crd::ThrottledConsumer = serde_yaml::from_str(ORDERS_SYNC).unwrap();
+            tc.metadata.uid = Some(crate::fixtures::UID.into());
+            tc.spec.replicas = replicas;
+            tc.spec.paused = paused;
+            let v = validate(&tc.spec).unwrap();
+            let d = crate::build::deployment(&tc, &v, &crate::fixtures::settings());
+            let expected = crate::reconcile::budget_config(&v).expected_members;
+            prop_assert_eq!(d.spec.unwrap().replicas, Some(expected as i32));
+            prop_assert_eq!(expected as i32, if paused { 0 } else { replicas });
+        }
+    }
+}
