@@ -1,0 +1,159 @@
+//! A fleet: `pacer coordinator` and three `pacer run` replicas as child processes sharing
+//! one leased budget. The sink must see the global budget, not three times it, and a
+//! replica leaving cleanly hands its share to the others.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BUDGET: f64 = 60.0;
+const TOKEN: &str = "fleet-test-token-0123456789";
+
+fn write(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Deliveries per second over `[from, from + secs)`.
+fn rate_between(sink: &TestSink, from: Instant, secs: u64) -> f64 {
+    let to = from + Duration::from_secs(secs);
+    let n = sink
+        .state
+        .delivered()
+        .iter()
+        .filter(|s| s.start >= from && s.start < to)
+        .count();
+    n as f64 / secs as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_it_after_one_leaves(
+) {
+    let kafka = Kafka::new();
+    kafka.topic("fleet", 6);
+    kafka.produce("fleet", 6, 0..3000, 50, |_| None);
+    let sink = TestSink::ok().await;
+
+    let dir = std::env::temp_dir().join(format!("pacer-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let budgets = dir.join("budgets.yaml");
+    write(
+        &budgets,
+        &format!(
+            "budgets:\n  - namespace: default\n    name: fleet\n    messagesPerSecond: {BUDGET}\n    maxInFlight: 6\n    policy: demand\n    leaseSeconds: 2\n    refreshMillis: 200\n    expectedMembers: 3\n    token: {TOKEN}\n"
+        ),
+    );
+    let token = dir.join("token");
+    write(&token, TOKEN);
+    let port = free_port();
+    let _coordinator = Pacer::spawn(&[
+        "coordinator".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--budgets".into(),
+        budgets.display().to_string(),
+    ]);
+
+    let replica = |i: usize| {
+        let mut args: Vec<String> = [
+            "run",
+            "--bootstrap-servers",
+            &kafka.bootstrap,
+            "--topic",
+            "fleet",
+            "--group-id",
+            "g-fleet",
+            "--sink",
+            &sink.url(),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "--budget",
+            "default/fleet",
+            "--token-file",
+            &token.display().to_string(),
+            "--member",
+            &format!("replica-{i}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (k, v) in fast_group() {
+            args.push("--kafka-config".into());
+            args.push(format!("{k}={v}"));
+        }
+        Pacer::spawn(&args)
+    };
+    let mut replicas: Vec<Pacer> = (0..3).map(replica).collect();
+    let state = sink.state.clone();
+    wait_for("the fleet to deliver", Duration::from_secs(60), || {
+        state.delivered_count() >= 100
+    })
+    .await;
+    // Steady state: let leases and the group settle, then measure.
+    wait_for("settling", Duration::from_secs(10), || {
+        state.delivered_count() >= 100 + 2 * BUDGET as usize
+    })
+    .await;
+    let from = Instant::now();
+    wait_for("4 s of fleet deliveries", Duration::from_secs(10), || {
+        from.elapsed() >= Duration::from_secs(4)
+    })
+    .await;
+    let together = rate_between(&sink, from, 4);
+    let per_replica: Vec<usize> = {
+        let mut by_partition = [0usize; 6];
+        for s in sink.state.delivered().iter().filter(|s| s.start >= from) {
+            by_partition[s.partition as usize] += 1;
+        }
+        by_partition.to_vec()
+    };
+    eprintln!("3 replicas: {together:.1} msg/s (budget {BUDGET}); per partition {per_replica:?}");
+    assert!(
+        together <= BUDGET * 1.05,
+        "three replicas delivered {together:.1} msg/s over a budget of {BUDGET}"
+    );
+    assert!(
+        together >= BUDGET * 0.8,
+        "three replicas used only {together:.1} of {BUDGET} msg/s"
+    );
+
+    // One replica leaves cleanly: it releases its lease, the others take its share.
+    let mut leaving = replicas.remove(0);
+    leaving.signal(libc::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || leaving.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    // Group rebalance (session) and lease refresh: give it a few seconds.
+    let after = Instant::now();
+    wait_for(
+        "the two remaining replicas to settle",
+        Duration::from_secs(20),
+        || after.elapsed() >= Duration::from_secs(4),
+    )
+    .await;
+    let from = Instant::now();
+    wait_for(
+        "4 s of two-replica deliveries",
+        Duration::from_secs(10),
+        || from.elapsed() >= Duration::from_secs(4),
+    )
+    .await;
+    let two = rate_between(&sink, from, 4);
+    eprintln!("2 replicas: {two:.1} msg/s (budget {BUDGET})");
+    assert!(
+        two <= BUDGET * 1.05,
+        "two replicas delivered {two:.1} msg/s over a budget of {BUDGET}"
+    );
+    assert!(
+        two >= BUDGET * 0.8,
+        "the leaver's share was not handed on: {two:.1} of {BUDGET} msg/s"
+    );
+    for r in &replicas {
+        r.signal(libc::SIGTERM);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
