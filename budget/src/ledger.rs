@@ -257,18 +257,12 @@ impl Ledger {
         }
     }
 
-    /// What every member together may be using now, as counted.
+    /// What every member together may be using now, as counted (walks every member;
+    /// refreshes use the cached [`Total`]).
     pub fn charged(&self, now: u64) -> Share {
-        self.charged_except(now, None)
-    }
-
-    fn charged_except(&self, now: u64, except: Option<&str>) -> Share {
         let fb = self.config.fallback_ms;
         let mut sum = Share::ZERO;
-        for (name, m) in &self.members {
-            if Some(name.as_str()) == except {
-                continue;
-            }
+        for m in self.members.values() {
             let c = m.charge(now, fb);
             sum.rate += c.rate;
             sum.in_flight = sum.in_flight.saturating_add(c.in_flight);

@@ -374,16 +374,41 @@ proptest! {
     }
 }
 
-#[test]
-fn a_lost_grant_still_counts_until_the_member_shows_it_holds_less() {
-    let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
-    let req = |m: &str, holding: Share| LeaseRequest {
-        member: m.into(),
+/// A member asking for the whole budget, reporting `holding`.
+fn req(member: &str, holding: Share) -> LeaseRequest {
+    LeaseRequest {
+        member: member.into(),
         demand: Share::new(100.0, 10),
         holding: Some(holding),
-        observed_rate: None,
         holding_fallback: None,
-    };
+        observed_rate: None,
+    }
+}
+
+#[test]
+fn a_grant_whose_answer_was_lost_still_counts() {
+    let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
+    // a's grant never arrives: a holds nothing, but may have got it.
+    assert_eq!(
+        l.refresh(0, &req("a", Share::ZERO)).share(),
+        Share::new(100.0, 10)
+    );
+    assert_eq!(l.refresh(10, &req("b", Share::ZERO)).share(), Share::ZERO);
+    // a asks again, holding nothing: now the ledger knows the first grant is unused
+    // by a, but the new answer (half, as b is live) might be lost as well.
+    assert_eq!(
+        l.refresh(20, &req("a", Share::ZERO)).share(),
+        Share::new(50.0, 5)
+    );
+    assert_eq!(
+        l.refresh(30, &req("b", Share::ZERO)).share(),
+        Share::new(50.0, 5)
+    );
+}
+
+#[test]
+fn a_shrunk_member_keeps_counting_its_old_holding_until_it_shows_the_smaller_one() {
+    let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
     let g = l.refresh(0, &req("a", Share::ZERO));
     assert_eq!(g.share(), Share::new(100.0, 10));
     // b joins: a still holds everything, so b gets nothing yet.
@@ -405,13 +430,6 @@ fn a_lost_grant_still_counts_until_the_member_shows_it_holds_less() {
 fn a_restarted_coordinator_grants_no_more_than_holding_and_nothing_to_new_members() {
     let cfg = config(100.0, 10, Policy::Equal, 2);
     let mut l = Ledger::restarted(cfg, 0);
-    let req = |m: &str, holding: Share| LeaseRequest {
-        member: m.into(),
-        demand: Share::new(100.0, 10),
-        holding: Some(holding),
-        observed_rate: None,
-        holding_fallback: None,
-    };
     assert_eq!(
         l.refresh(0, &req("old", Share::new(30.0, 3))).share(),
         Share::new(30.0, 3)
@@ -429,17 +447,10 @@ fn a_restarted_coordinator_grants_no_more_than_holding_and_nothing_to_new_member
 #[test]
 fn a_released_member_frees_its_share_at_once_and_a_crashed_one_after_its_windows() {
     let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
-    let req = |m: &str| LeaseRequest {
-        member: m.into(),
-        demand: Share::new(100.0, 10),
-        holding: None,
-        observed_rate: None,
-        holding_fallback: None,
-    };
-    l.refresh(0, &req("a"));
+    l.refresh(0, &req("a", Share::ZERO));
     assert!(l.release("a"));
     assert_eq!(l.charged(1), Share::ZERO);
-    l.refresh(0, &req("c"));
+    l.refresh(0, &req("c", Share::ZERO));
     // c crashes: its grant counts for the lease, its fallback for the window after.
     assert_eq!(l.charged(LEASE_MS - 1), Share::new(100.0, 10));
     assert_eq!(l.charged(LEASE_MS), Share::new(100.0, 10)); // fallback of a lone member
