@@ -68,12 +68,15 @@ pub mod env {
     pub const SINK: &str = "PACER_SINK";
     pub const TIMEOUT: &str = "PACER_TIMEOUT";
     pub const MAX_ATTEMPTS: &str = "PACER_MAX_ATTEMPTS";
+    pub const RETRY_INITIAL_DELAY: &str = "PACER_RETRY_INITIAL_DELAY";
+    pub const RETRY_MAX_DELAY: &str = "PACER_RETRY_MAX_DELAY";
     pub const DEAD_LETTER_TOPIC: &str = "PACER_DEAD_LETTER_TOPIC";
     pub const SHUTDOWN_GRACE: &str = "PACER_SHUTDOWN_GRACE";
     pub const ADMIN_ADDR: &str = "PACER_ADMIN_ADDR";
+    pub const LOG_FORMAT: &str = "PACER_LOG_FORMAT";
 
     /// Every variable `pacer run` reads that the operator sets.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 19] = [
         BOOTSTRAP_SERVERS,
         TOPICS,
         GROUP_ID,
@@ -87,9 +90,12 @@ pub mod env {
         SINK,
         TIMEOUT,
         MAX_ATTEMPTS,
+        RETRY_INITIAL_DELAY,
+        RETRY_MAX_DELAY,
         DEAD_LETTER_TOPIC,
         SHUTDOWN_GRACE,
         ADMIN_ADDR,
+        LOG_FORMAT,
     ];
 
     /// Downward-API pod name; `PACER_MEMBER` expands it.
@@ -296,6 +302,11 @@ pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings)
             env::MAX_ATTEMPTS,
             spec.delivery.retry.max_attempts.to_string(),
         ),
+        plain(
+            env::RETRY_INITIAL_DELAY,
+            spec.delivery.retry.initial_delay.clone(),
+        ),
+        plain(env::RETRY_MAX_DELAY, spec.delivery.retry.max_delay.clone()),
     ]);
     if let Some(dlq) = &spec.delivery.dead_letter_topic {
         out.push(plain(env::DEAD_LETTER_TOPIC, dlq.clone()));
@@ -303,6 +314,8 @@ pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings)
     out.extend([
         plain(env::SHUTDOWN_GRACE, spec.delivery.shutdown_grace.clone()),
         plain(env::ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}")),
+        // Log collectors in a cluster parse JSON.
+        plain(env::LOG_FORMAT, "json"),
     ]);
     out
 }
@@ -553,7 +566,7 @@ mod tests {
             ("PACER_GROUP_ID", "orders-sync"),
             (
                 "PACER_KAFKA_CONFIG",
-                "sasl.mechanism=SCRAM-SHA-512,sasl.username=orders-sync,security.protocol=SASL_SSL,sasl.password=$(PACER_KAFKA_SECRET_0)",
+                "sasl.mechanism=PLAIN,sasl.username=orders-sync,security.protocol=SASL_PLAINTEXT,sasl.password=$(PACER_KAFKA_SECRET_0)",
             ),
             ("PACER_COORDINATOR", "http://pacer-operator.pacer-system.svc:8080"),
             ("PACER_BUDGET", "shop/orders-sync"),
@@ -563,6 +576,9 @@ mod tests {
             ("PACER_SINK", "http://127.0.0.1:8080/handle"),
             ("PACER_TIMEOUT", "5s"),
             ("PACER_MAX_ATTEMPTS", "5"),
+            ("PACER_RETRY_INITIAL_DELAY", "200ms"),
+            ("PACER_RETRY_MAX_DELAY", "30s"),
+            ("PACER_LOG_FORMAT", "json"),
             ("PACER_DEAD_LETTER_TOPIC", "orders-dlq"),
             ("PACER_SHUTDOWN_GRACE", "30s"),
             ("PACER_ADMIN_ADDR", "0.0.0.0:9090"),

@@ -128,7 +128,8 @@ pub struct KafkaSpec {
     pub config: BTreeMap<String, String>,
 
     /// librdkafka properties whose values come from Secrets in the same namespace, e.g.
-    /// `sasl.password`.
+    /// `sasl.password`. The values may not contain `,` (they travel in a comma-separated
+    /// list).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub secret_config: Vec<SecretConfig>,
@@ -287,23 +288,44 @@ pub enum Ordering {
     Partition,
 }
 
-/// Retries of failed sink calls.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Retries of failed sink calls, with exponential backoff.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = (
+    "duration(self.initialDelay) <= duration(self.maxDelay)",
+    "delivery.retry.initialDelay must not be longer than delivery.retry.maxDelay"
+))]
 pub struct RetrySpec {
     /// Attempts per message before it goes to the dead-letter topic. Without a
     /// dead-letter topic, messages are retried forever.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_attempts: i32,
+    /// Delay before the first retry, e.g. `100ms`; doubled per attempt.
+    #[serde(default = "default_initial_delay")]
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    pub initial_delay: String,
+    /// Longest delay between retries, e.g. `10s`.
+    #[serde(default = "default_max_delay")]
+    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    pub max_delay: String,
 }
 
 impl Default for RetrySpec {
     fn default() -> Self {
         Self {
             max_attempts: default_max_attempts(),
+            initial_delay: default_initial_delay(),
+            max_delay: default_max_delay(),
         }
     }
+}
+
+fn default_initial_delay() -> String {
+    "100ms".into()
+}
+fn default_max_delay() -> String {
+    "10s".into()
 }
 
 fn default_max_attempts() -> i32 {
@@ -318,7 +340,8 @@ fn default_max_attempts() -> i32 {
     "exactly one of sink.http or sink.kafka must be set"
 ))]
 pub struct SinkSpec {
-    /// POST each message to this URL (the handler, typically a sidecar in `template`).
+    /// POST each message to this plain-HTTP URL (the handler, typically a sidecar in
+    /// `template`; terminate TLS in the sidecar).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSink>,
     /// Produce each message to this Kafka topic.
@@ -330,8 +353,11 @@ pub struct SinkSpec {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpSink {
-    /// `http://` or `https://` URL, e.g. `http://127.0.0.1:8080/handle`.
-    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s,]+$"))]
+    /// `http://` URL, e.g. `http://127.0.0.1:8080/handle`.
+    #[schemars(
+        length(min = 8, max = 2048),
+        regex(pattern = r"^http://[^\s,/][^\s,]*$")
+    )]
     pub url: String,
 }
 

@@ -232,6 +232,34 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
             ),
         );
     }
+    let initial_delay = parse_duration(&d.retry.initial_delay);
+    let max_delay = parse_duration(&d.retry.max_delay);
+    if initial_delay.is_none() {
+        err(
+            "spec.delivery.retry.initialDelay",
+            format!(
+                "{:?} is not a duration like 100ms or 1s",
+                d.retry.initial_delay
+            ),
+        );
+    }
+    if max_delay.is_none() {
+        err(
+            "spec.delivery.retry.maxDelay",
+            format!("{:?} is not a duration like 10s or 1m", d.retry.max_delay),
+        );
+    }
+    if let (Some(i), Some(m)) = (initial_delay, max_delay) {
+        if i > m {
+            err(
+                "spec.delivery.retry.initialDelay",
+                format!(
+                    "{} must not be longer than maxDelay ({})",
+                    d.retry.initial_delay, d.retry.max_delay
+                ),
+            );
+        }
+    }
     if let Some(t) = &d.dead_letter_topic {
         if !is_topic_name(t) {
             err(
@@ -248,11 +276,18 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
             "exactly one of sink.http or sink.kafka must be set".into(),
         ),
         (Some(h), None) => {
-            let ok_scheme = h.url.starts_with("http://") || h.url.starts_with("https://");
-            if !ok_scheme || h.url.contains(',') || h.url.chars().any(char::is_whitespace) {
+            let host = h.url.strip_prefix("http://").unwrap_or_default();
+            if host.is_empty()
+                || host.starts_with('/')
+                || h.url.contains(',')
+                || h.url.chars().any(char::is_whitespace)
+            {
                 err(
                     "spec.sink.http.url",
-                    format!("{:?} is not an http:// or https:// URL", h.url),
+                    format!(
+                        "{:?} is not an http:// URL with a host (the replicas speak plain HTTP to the handler)",
+                        h.url
+                    ),
                 );
             }
         }
@@ -429,7 +464,11 @@ mod tests {
             ("/delivery/deadLetterTopic", json!("orders/dlq"), r#"spec.delivery.deadLetterTopic: "orders/dlq" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
             ("/sink", json!({}), "spec.sink: exactly one of sink.http or sink.kafka must be set"),
             ("/sink", json!({"http": {"url": "http://h/"}, "kafka": {"topic": "t"}}), "spec.sink: exactly one of sink.http or sink.kafka must be set"),
-            ("/sink/http/url", json!("ftp://handler/x"), r#"spec.sink.http.url: "ftp://handler/x" is not an http:// or https:// URL"#),
+            ("/sink/http/url", json!("ftp://handler/x"), r#"spec.sink.http.url: "ftp://handler/x" is not an http:// URL with a host (the replicas speak plain HTTP to the handler)"#),
+            ("/sink/http/url", json!("https://handler/x"), r#"spec.sink.http.url: "https://handler/x" is not an http:// URL with a host (the replicas speak plain HTTP to the handler)"#),
+            ("/delivery/retry/initialDelay", json!("soon"), r#"spec.delivery.retry.initialDelay: "soon" is not a duration like 100ms or 1s"#),
+            ("/delivery/retry/maxDelay", json!("10"), r#"spec.delivery.retry.maxDelay: "10" is not a duration like 10s or 1m"#),
+            ("/delivery/retry/initialDelay", json!("1m"), "spec.delivery.retry.initialDelay: 1m must not be longer than maxDelay (30s)"),
             ("/sink", json!({"kafka": {"topic": ""}}), r#"spec.sink.kafka.topic: "" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
             ("/image", json!(""), "spec.image: must not be empty when set"),
             ("/podDisruptionBudget/maxUnavailable", json!(-1), "spec.podDisruptionBudget.maxUnavailable: -1 is out of range, must be at least 0"),
