@@ -66,7 +66,7 @@ KUBECTL="$BIN/kubectl"
 log "$("$HELM" version --short), kubectl $("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])')"
 
 # --- 1. helm lint --------------------------------------------------------------
-ALL_ON=(--set serviceMonitor.enabled=true --set watchNamespace=shop --set rbac.namespaced=true)
+ALL_ON=(--set serviceMonitor.enabled=true --set networkPolicy.enabled=true --set watchNamespace=shop --set rbac.namespaced=true)
 log "helm lint (defaults)"
 "$HELM" lint --strict "$CHART"
 log "helm lint (every optional feature on)"
