@@ -1,4 +1,4 @@
-//! Scale 3 -> 5 end to end, minus Kubernetes: the reconciler talks to a mocked API
+//! Scale 3 -> 5 -> 3 end to end, minus Kubernetes: the reconciler talks to a mocked API
 //! server, the embedded coordinator serves the real lease protocol on loopback, and
 //! real budget clients play the replicas. A meter records the sum of the shares the
 //! members may use after every lease change and the test asserts it never exceeds the
@@ -113,7 +113,7 @@ fn near(a: f64, b: f64) -> bool {
 }
 
 #[tokio::test]
-async fn scaling_from_3_to_5_updates_the_deployment_and_expected_members_without_exceeding_the_budget(
+async fn scaling_3_to_5_and_back_updates_the_deployment_and_expected_members_without_exceeding_the_budget(
 ) {
     // The embedded coordinator, served on a loopback port.
     let coord = Coordinator::new();
@@ -190,7 +190,7 @@ async fn scaling_from_3_to_5_updates_the_deployment_and_expected_members_without
         Step::get_404(u.pdb()),
         Step::status_apply(u.status_apply(), &scaled),
     ];
-    let (result, seen2, _) = converse(api, steps, reconcile_one(&scaled, &ctx)).await;
+    let (result, seen2, api) = converse(api, steps, reconcile_one(&scaled, &ctx)).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(10)));
     assert_eq!(seen2[2].body["spec"]["replicas"], 5);
     assert_eq!(seen2[4].body["status"]["observedGeneration"], 2);
@@ -218,6 +218,35 @@ async fn scaling_from_3_to_5_updates_the_deployment_and_expected_members_without
         charged.rate <= RATE + 1e-9 && charged.in_flight <= IN_FLIGHT,
         "{charged:?}"
     );
+
+    // And back to 3: the Deployment follows, the coordinator expects 3, the two
+    // terminating pods release their leases and the others grow into the freed share.
+    let mut down = scaled.clone();
+    down.spec.replicas = 3;
+    down.metadata.generation = Some(3);
+    down.status = Some(serde_json::from_value(seen2[4].body["status"].clone()).unwrap());
+    let steps = vec![
+        Step::get(u.secret(), seen[1].body.clone()),
+        Step::get(u.deployment(), seen2[2].body.clone()),
+        Step::echo(Method::PATCH, u.deployment_apply()),
+        Step::get_404(u.pdb()),
+        Step::status_apply(u.status_apply(), &down),
+    ];
+    let (result, seen3, _) = converse(api, steps, reconcile_one(&down, &ctx)).await;
+    result.unwrap();
+    assert_eq!(seen3[2].body["spec"]["replicas"], 3);
+    assert_eq!(coord.snapshot(&id).unwrap().expected_members, 3);
+    for m in fleet.members.split_off(3) {
+        m.release().await;
+    }
+    fleet
+        .wait_for("the 3 remaining members grow back to 10 msg/s", |s| {
+            s[..3]
+                .iter()
+                .all(|m| near(m.rate, 10.0) && m.in_flight == 2)
+                && s[3..].iter().all(|m| m.rate == 0.0 && m.in_flight == 0)
+        })
+        .await;
 
     for m in std::mem::take(&mut fleet.members) {
         m.release().await;
