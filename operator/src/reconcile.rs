@@ -388,7 +388,8 @@ async fn ensure_token(
             ctx.tokens().insert(id.clone(), token.clone());
             Ok(token)
         }
-        // Lost a race with another writer: use theirs on the next reconcile.
+        // Retried with backoff. A 409 means another writer won the create race: the
+        // next reconcile's GET reads their token.
         Err(source) => Err(Error::CreateSecret { name, source }),
     }
 }
