@@ -72,6 +72,9 @@ pub const MAX_BURST: i32 = 10_000;
 pub const LEASE_SECONDS: (i32, i32) = (1, 3600);
 pub const REFRESH_MILLIS: (i32, i32) = (100, 600_000);
 pub const MAX_ATTEMPTS: i32 = 1000;
+/// Longest sink timeout or retry delay. `pacer run` accepts up to a year; a day is
+/// already far beyond any useful value and keeps CEL's `duration()` in range.
+pub const MAX_DELAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Checks a spec. Pure; mirrors the CRD's bounds, patterns and CEL rules.
 pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> {
@@ -204,11 +207,11 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
     // Delivery.
     let d = &spec.delivery;
     let timeout = parse_duration(&d.timeout);
-    if timeout.is_none_or(|t| t.is_zero()) {
+    if timeout.is_none_or(|t| t.is_zero() || t > MAX_DELAY) {
         err(
             "spec.delivery.timeout",
             format!(
-                "{:?} is not a positive duration like 500ms, 5s, 1m or 1h",
+                "{:?} is not a positive duration like 500ms, 5s or 1m, at most 24h",
                 d.timeout
             ),
         );
@@ -232,13 +235,13 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
             ),
         );
     }
-    let initial_delay = parse_duration(&d.retry.initial_delay);
-    let max_delay = parse_duration(&d.retry.max_delay);
+    let initial_delay = parse_duration(&d.retry.initial_delay).filter(|t| *t <= MAX_DELAY);
+    let max_delay = parse_duration(&d.retry.max_delay).filter(|t| *t <= MAX_DELAY);
     if initial_delay.is_none() {
         err(
             "spec.delivery.retry.initialDelay",
             format!(
-                "{:?} is not a duration like 100ms or 1s",
+                "{:?} is not a duration like 100ms or 1s, at most 24h",
                 d.retry.initial_delay
             ),
         );
@@ -246,7 +249,10 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
     if max_delay.is_none() {
         err(
             "spec.delivery.retry.maxDelay",
-            format!("{:?} is not a duration like 10s or 1m", d.retry.max_delay),
+            format!(
+                "{:?} is not a duration like 10s or 1m, at most 24h",
+                d.retry.max_delay
+            ),
         );
     }
     if let (Some(i), Some(m)) = (initial_delay, max_delay) {
@@ -457,8 +463,8 @@ mod tests {
             ("/budget/leaseSeconds", json!(3601), "spec.budget.leaseSeconds: 3601 is out of range, must be 1 to 3600"),
             ("/budget/refreshMillis", json!(99), "spec.budget.refreshMillis: 99 is out of range, must be 100 to 600000"),
             ("/budget/leaseSeconds", json!(2), "spec.budget.leaseSeconds: leaseSeconds * 1000 (2000) must be greater than 2 * refreshMillis (2000) so a lease survives a missed refresh"),
-            ("/delivery/timeout", json!("5 seconds"), r#"spec.delivery.timeout: "5 seconds" is not a positive duration like 500ms, 5s, 1m or 1h"#),
-            ("/delivery/timeout", json!("0s"), r#"spec.delivery.timeout: "0s" is not a positive duration like 500ms, 5s, 1m or 1h"#),
+            ("/delivery/timeout", json!("5 seconds"), r#"spec.delivery.timeout: "5 seconds" is not a positive duration like 500ms, 5s or 1m, at most 24h"#),
+            ("/delivery/timeout", json!("0s"), r#"spec.delivery.timeout: "0s" is not a positive duration like 500ms, 5s or 1m, at most 24h"#),
             ("/delivery/shutdownGrace", json!("2h"), r#"spec.delivery.shutdownGrace: "2h" is not a duration like 30s or 2m, at most 1h"#),
             ("/delivery/retry/maxAttempts", json!(0), "spec.delivery.retry.maxAttempts: 0 is out of range, must be 1 to 1000"),
             ("/delivery/deadLetterTopic", json!("orders/dlq"), r#"spec.delivery.deadLetterTopic: "orders/dlq" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
@@ -466,8 +472,10 @@ mod tests {
             ("/sink", json!({"http": {"url": "http://h/"}, "kafka": {"topic": "t"}}), "spec.sink: exactly one of sink.http or sink.kafka must be set"),
             ("/sink/http/url", json!("ftp://handler/x"), r#"spec.sink.http.url: "ftp://handler/x" is not an http:// URL with a host (the replicas speak plain HTTP to the handler)"#),
             ("/sink/http/url", json!("https://handler/x"), r#"spec.sink.http.url: "https://handler/x" is not an http:// URL with a host (the replicas speak plain HTTP to the handler)"#),
-            ("/delivery/retry/initialDelay", json!("soon"), r#"spec.delivery.retry.initialDelay: "soon" is not a duration like 100ms or 1s"#),
-            ("/delivery/retry/maxDelay", json!("10"), r#"spec.delivery.retry.maxDelay: "10" is not a duration like 10s or 1m"#),
+            ("/delivery/retry/initialDelay", json!("soon"), r#"spec.delivery.retry.initialDelay: "soon" is not a duration like 100ms or 1s, at most 24h"#),
+            ("/delivery/retry/maxDelay", json!("10"), r#"spec.delivery.retry.maxDelay: "10" is not a duration like 10s or 1m, at most 24h"#),
+            ("/delivery/retry/maxDelay", json!("25h"), r#"spec.delivery.retry.maxDelay: "25h" is not a duration like 10s or 1m, at most 24h"#),
+            ("/delivery/timeout", json!("1441m"), r#"spec.delivery.timeout: "1441m" is not a positive duration like 500ms, 5s or 1m, at most 24h"#),
             ("/delivery/retry/initialDelay", json!("1m"), "spec.delivery.retry.initialDelay: 1m must not be longer than maxDelay (30s)"),
             ("/sink", json!({"kafka": {"topic": ""}}), r#"spec.sink.kafka.topic: "" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
             ("/image", json!(""), "spec.image: must not be empty when set"),
