@@ -16,9 +16,13 @@ cargo build -q -p pacer-runtime --bin pacer
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 printf '%064d' 0 > "$work/token"
-# The venv scripts/check-manifests.sh creates has PyYAML.
+# scripts/check-manifests.sh installs PyYAML in .tools/venv or .tools/pylib.
 PY=python3
-[[ -x "$ROOT/.tools/venv/bin/python3" ]] && PY="$ROOT/.tools/venv/bin/python3"
+if [[ -x "$ROOT/.tools/venv/bin/python3" ]]; then
+  PY="$ROOT/.tools/venv/bin/python3"
+elif [[ -d "$ROOT/.tools/pylib" ]]; then
+  export PYTHONPATH="$ROOT/.tools/pylib"
+fi
 
 for example in crds/examples/*.yaml; do
   target/debug/pacer-operator render "$example" --coordinator-url http://127.0.0.1:9 > "$work/children.yaml"

