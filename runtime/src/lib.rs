@@ -186,6 +186,11 @@ pub async fn run_with_allowance(
 
     let source = Source::start(&config, shared.clone())?;
     let ctx = Arc::new(WorkerContext {
+        acked: shared
+            .metrics
+            .messages
+            .get_or_create(&metrics::OutcomeLabels { outcome: "acked" })
+            .clone(),
         shared: shared.clone(),
         limiter,
         sink,

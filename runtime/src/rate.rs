@@ -177,6 +177,11 @@ impl RateLimiter {
         self.gcra.lock().unwrap_or_else(|e| e.into_inner()).rate()
     }
 
+    /// No rate limit at all (`--rate unlimited`): callers may skip [`Self::acquire`].
+    pub fn is_unlimited(&self) -> bool {
+        self.rate().is_infinite()
+    }
+
     /// Waits for one permit.
     pub async fn acquire(&self) {
         loop {

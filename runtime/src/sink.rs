@@ -108,6 +108,12 @@ impl Sink {
         })
     }
 
+    /// Whether a delivery completes without waiting (`null`, `stdout`): such sinks are
+    /// called inline by the dispatcher instead of from a task per message.
+    pub fn is_synchronous(&self) -> bool {
+        matches!(self, Sink::Null | Sink::Stdout)
+    }
+
     /// One delivery attempt.
     pub async fn deliver(&self, msg: &Message) -> Attempt {
         match self {

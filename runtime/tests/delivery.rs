@@ -487,3 +487,76 @@ async fn an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost() 
     .await;
     r.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metric() {
+    let kafka = Kafka::new();
+    kafka.topic("admin", 2);
+    kafka.produce("admin", 2, 0..20, 20, |_| None);
+    let sink = TestSink::ok().await;
+    let mut c = config(
+        &kafka.bootstrap,
+        "admin",
+        "g-admin",
+        SinkSpec::Http(sink.url()),
+    );
+    c.admin_addr = Some("127.0.0.1:0".parse().unwrap());
+    c.kafka_config
+        .push(("statistics.interval.ms".into(), "200".into()));
+    let r = InProcess::start(c).await;
+    let base = format!("http://{}", r.handle.admin_addr.unwrap());
+    assert_eq!(
+        reqwest::get(format!("{base}/livez"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let state = sink.state.clone();
+    wait_for("20 deliveries", Duration::from_secs(30), || {
+        state.delivered_count() >= 20
+    })
+    .await;
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let mut text = String::new();
+    let shared = r.handle.shared.clone();
+    wait_for(
+        "lag from librdkafka statistics",
+        Duration::from_secs(10),
+        || {
+            text = shared.metrics.encode();
+            text.contains("pacer_consumer_lag{")
+        },
+    )
+    .await;
+    let scraped = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    r.stop().await;
+    for name in [
+        "pacer_messages_total{outcome=\"acked\"} 20",
+        "pacer_granted_rate ",
+        "pacer_granted_in_flight 16",
+        "pacer_in_flight ",
+        "pacer_buffer_messages ",
+        "pacer_paused_partitions ",
+        "pacer_consumer_lag{",
+        "pacer_sink_latency_seconds_count 20",
+        "pacer_dead_lettered_total ",
+        "pacer_fallback 0",
+    ] {
+        assert!(
+            scraped.contains(name),
+            "/metrics lacks {name:?}:\n{scraped}"
+        );
+    }
+}
