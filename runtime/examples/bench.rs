@@ -35,7 +35,7 @@ fn produce(bootstrap: &str, topic: &str, n: usize) {
         .set("queue.buffering.max.messages", "1000000")
         .create()
         .expect("producer");
-    let value = vec![b'x'; SIZE];
+    let value = [b'x'; SIZE];
     for i in 0..n {
         loop {
             let rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
