@@ -15,12 +15,13 @@
 //! Pure: no I/O, no locking; the pipeline holds it under its mutex. The byte and message
 //! bounds are enforced by the caller pausing the consumer (see [`Buffer::is_full`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::config::Ordering;
+use crate::hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use crate::message::{Message, TopicPartition};
 
 /// How far into a partition's queue `key` ordering looks for a free key. Bounded so a
@@ -50,11 +51,11 @@ impl Buffer {
     pub fn new(ordering: Ordering, max_messages: usize, max_bytes: usize) -> Self {
         Self {
             ordering,
-            queues: HashMap::new(),
+            queues: HashMap::default(),
             order: Vec::new(),
             cursor: 0,
-            busy_keys: HashMap::new(),
-            busy_partitions: HashSet::new(),
+            busy_keys: HashMap::default(),
+            busy_partitions: HashSet::default(),
             len: 0,
             bytes: 0,
             max_messages,
@@ -198,7 +199,7 @@ fn first_free_key(
     busy: &HashMap<(Arc<str>, Bytes), Holder>,
 ) -> Option<usize> {
     // Keys seen earlier in this scan are held by an earlier buffered message.
-    let mut held: HashSet<&Bytes> = HashSet::new();
+    let mut held: HashSet<&Bytes> = HashSet::default();
     for (i, m) in queue.iter().take(KEY_SCAN_LIMIT).enumerate() {
         let Some(k) = &m.key else { return Some(i) };
         if !held.contains(k) && !busy.contains_key(&(m.tp.topic.clone(), k.clone())) {
@@ -300,7 +301,7 @@ mod tests {
                 b.push(msg((o % 2) as i32, o as i64, Some(&key)));
             }
             let mut out: Vec<Message> = Vec::new();
-            let mut last: HashMap<(i32, Bytes), i64> = HashMap::new();
+            let mut last: std::collections::HashMap<(i32, Bytes), i64> = std::collections::HashMap::new();
             let mut done = 0;
             for release in releases.iter().copied().chain(std::iter::repeat_n(true, 400)) {
                 if release && !out.is_empty() {

@@ -31,6 +31,7 @@ pub mod admin;
 pub mod buffer;
 pub mod config;
 pub mod demo;
+pub mod hash;
 pub mod lease;
 pub mod leased;
 pub mod message;

@@ -6,10 +6,27 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 /// A topic and partition. The topic is shared, so cloning is cheap.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct TopicPartition {
     pub topic: Arc<str>,
     pub partition: i32,
+}
+
+impl PartialEq for TopicPartition {
+    /// Topic names are shared `Arc`s from the Kafka thread's cache: compare pointers
+    /// first, contents only when they differ.
+    fn eq(&self, other: &Self) -> bool {
+        self.partition == other.partition
+            && (Arc::ptr_eq(&self.topic, &other.topic) || self.topic == other.topic)
+    }
+}
+
+impl std::hash::Hash for TopicPartition {
+    /// By content, consistent with `eq` (equal pointers imply equal contents).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.topic.hash(state);
+        self.partition.hash(state);
+    }
 }
 
 impl TopicPartition {

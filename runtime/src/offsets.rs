@@ -9,8 +9,10 @@
 //! Pure: no I/O and no clock here. The caller stores the returned offsets in the
 //! consumer.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::hash::Hash;
+
+use crate::hash::FxHashMap;
 
 /// Per-partition bookkeeping.
 #[derive(Debug, Default, Clone)]
@@ -32,13 +34,13 @@ impl PartitionOffsets {
 /// Tracks received and completed offsets for any number of partitions, keyed by `P`.
 #[derive(Debug, Clone)]
 pub struct OffsetTracker<P> {
-    partitions: HashMap<P, PartitionOffsets>,
+    partitions: FxHashMap<P, PartitionOffsets>,
 }
 
 impl<P> Default for OffsetTracker<P> {
     fn default() -> Self {
         Self {
-            partitions: HashMap::new(),
+            partitions: FxHashMap::default(),
         }
     }
 }

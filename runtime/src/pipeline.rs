@@ -13,7 +13,7 @@
 //! messages between them under one mutex. The mutex is a `std` one: critical sections
 //! are short and the Kafka thread (not async) takes it too.
 
-use std::collections::{HashMap, HashSet};
+use crate::hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -115,11 +115,11 @@ impl Shared {
             core: Mutex::new(Core {
                 buffer: Buffer::new(ordering, max_messages, max_bytes),
                 tracker: OffsetTracker::new(),
-                assigned: HashMap::new(),
-                revoking: HashSet::new(),
-                in_flight: HashMap::new(),
+                assigned: HashMap::default(),
+                revoking: HashSet::default(),
+                in_flight: HashMap::default(),
                 in_flight_total: 0,
-                to_store: HashMap::new(),
+                to_store: HashMap::default(),
                 next_generation: 0,
                 stopping: false,
                 max_depth: 0,

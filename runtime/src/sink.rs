@@ -22,6 +22,8 @@ pub const CE_TYPE: &str = "dev.pacer.kafka.record";
 pub enum SinkError {
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    #[error("invalid sink URL {url}: {message}")]
+    Url { url: String, message: String },
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[source] rdkafka::error::KafkaError),
 }
@@ -32,7 +34,8 @@ pub enum Sink {
     Http {
         client: reqwest::Client,
         url: reqwest::Url,
-        source: String,
+        /// `ce-source`, built once.
+        source: HeaderValue,
     },
     Kafka {
         producer: FutureProducer,
@@ -94,10 +97,12 @@ impl Sink {
                     .build()
                     .map_err(SinkError::HttpClient)?,
                 // Validated by the config parser.
-                url: reqwest::Url::parse(url).map_err(|_| {
-                    SinkError::HttpClient(reqwest::Client::new().get("").build().unwrap_err())
+                url: reqwest::Url::parse(url).map_err(|e| SinkError::Url {
+                    url: url.clone(),
+                    message: e.to_string(),
                 })?,
-                source: format!("/pacer/{group_id}"),
+                source: HeaderValue::from_str(&format!("/pacer/{group_id}"))
+                    .unwrap_or_else(|_| HeaderValue::from_static("/pacer")),
             },
             SinkSpec::Kafka(topic) => Sink::Kafka {
                 producer: producer(bootstrap, kafka_config, timeout)?,
@@ -231,9 +236,28 @@ fn transport_error(e: &reqwest::Error) -> String {
 /// CloudEvents binary-mode headers, the record's coordinates and its Kafka headers.
 /// Values that are not printable ASCII (binary keys, say) go base64-encoded under a
 /// `-b64` name, so no input can make an invalid HTTP request.
-pub fn http_headers(msg: &Message, source: &str) -> HeaderMap {
+pub fn http_headers(msg: &Message, source: &HeaderValue) -> HeaderMap {
+    // Fixed names are static and the source/type values are shared: building headers
+    // is on the per-message path.
+    static CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+    static CE_ID: HeaderName = HeaderName::from_static("ce-id");
+    static CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+    static CE_TYPE_H: HeaderName = HeaderName::from_static("ce-type");
+    static CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+    static KAFKA_TOPIC: HeaderName = HeaderName::from_static("kafka-topic");
+    static KAFKA_PARTITION: HeaderName = HeaderName::from_static("kafka-partition");
+    static KAFKA_OFFSET: HeaderName = HeaderName::from_static("kafka-offset");
     let mut h = HeaderMap::with_capacity(10 + msg.headers.len());
-    let id = format!("{}-{}-{}", msg.tp.topic, msg.tp.partition, msg.offset);
+    h.insert(CE_SPECVERSION.clone(), HeaderValue::from_static("1.0"));
+    h.insert(CE_SOURCE.clone(), source.clone());
+    h.insert(CE_TYPE_H.clone(), HeaderValue::from_static(CE_TYPE));
+    h.insert(KAFKA_PARTITION.clone(), HeaderValue::from(msg.tp.partition));
+    h.insert(KAFKA_OFFSET.clone(), HeaderValue::from(msg.offset));
+    if let Some(ms) = msg.timestamp_ms {
+        if let Ok(v) = HeaderValue::from_str(&rfc3339_millis(ms)) {
+            h.insert(CE_TIME.clone(), v);
+        }
+    }
     let mut put = |name: &str, value: &[u8]| {
         let Ok(name_ok) = HeaderName::from_bytes(name.as_bytes()) else {
             return;
@@ -251,16 +275,10 @@ pub fn http_headers(msg: &Message, source: &str) -> HeaderMap {
             h.append(n, v);
         }
     };
-    put("ce-specversion", b"1.0");
-    put("ce-id", id.as_bytes());
-    put("ce-source", source.as_bytes());
-    put("ce-type", CE_TYPE.as_bytes());
-    if let Some(ms) = msg.timestamp_ms {
-        put("ce-time", rfc3339_millis(ms).as_bytes());
-    }
-    put("kafka-topic", msg.tp.topic.as_bytes());
-    put("kafka-partition", msg.tp.partition.to_string().as_bytes());
-    put("kafka-offset", msg.offset.to_string().as_bytes());
+    let id = format!("{}-{}-{}", msg.tp.topic, msg.tp.partition, msg.offset);
+    // Topic names are printable ASCII (Kafka's own rule), so these never fall back.
+    put(CE_ID.as_str(), id.as_bytes());
+    put(KAFKA_TOPIC.as_str(), msg.tp.topic.as_bytes());
     if let Some(k) = &msg.key {
         put("kafka-key", k);
     }
@@ -361,7 +379,7 @@ mod tests {
         let mut m = test_message(3, 42, Some("order-1"));
         m.timestamp_ms = Some(0);
         m.headers = vec![("trace".into(), Some(Bytes::from_static(b"abc")))];
-        let h = http_headers(&m, "/pacer/g");
+        let h = http_headers(&m, &HeaderValue::from_static("/pacer/g"));
         assert_eq!(h["ce-id"], "t-3-42");
         assert_eq!(h["ce-type"], CE_TYPE);
         assert_eq!(h["ce-source"], "/pacer/g");
@@ -378,7 +396,7 @@ mod tests {
         let mut m = test_message(0, 1, None);
         m.key = Some(Bytes::from_static(&[0xff, 0x00, b'\n']));
         m.headers = vec![("bad name\n".into(), Some(Bytes::from_static(b"x")))];
-        let h = http_headers(&m, "s");
+        let h = http_headers(&m, &HeaderValue::from_static("s"));
         assert!(h.get("kafka-key").is_none());
         assert_eq!(h["kafka-key-b64"], "/wAK");
     }

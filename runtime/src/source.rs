@@ -14,7 +14,6 @@
 //! The thread keeps polling while partitions are paused, so heartbeats, rebalances and
 //! `max.poll.interval.ms` are served even when the sink is stalled.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,6 +29,7 @@ use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tracing::{debug, info, warn};
 
 use crate::config::RunConfig;
+use crate::hash::FxHashMap;
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
 use crate::pipeline::Shared;
@@ -257,7 +257,7 @@ pub fn consumer_config(config: &RunConfig) -> ClientConfig {
 }
 
 fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: Arc<AtomicU8>) {
-    let mut topics: HashMap<String, Arc<str>> = HashMap::new();
+    let mut topics: FxHashMap<String, Arc<str>> = FxHashMap::default();
     let mut paused = false;
     let mut last_store = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
@@ -430,7 +430,7 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bo
     }
 }
 
-fn owned(m: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>) -> Message {
+fn owned(m: &BorrowedMessage<'_>, topics: &mut FxHashMap<String, Arc<str>>) -> Message {
     let topic = match topics.get(m.topic()) {
         Some(t) => t.clone(),
         None => {
