@@ -82,22 +82,14 @@ fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec, in_flight: 
         bootstrap_servers: bootstrap.to_string(),
         topics: vec![topic.to_string()],
         group_id: group.to_string(),
-        kafka_config: std::env::var("BENCH_KAFKA_CONFIG")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        kafka_config: Vec::new(),
         budget: BudgetSource::Standalone {
             rate: f64::INFINITY,
             in_flight,
         },
         burst: 1,
         ordering: Order::None,
-        buffer_messages: std::env::var("BENCH_BUFFER")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000),
+        buffer_messages: 1000,
         buffer_bytes: 16 << 20,
         sink,
         timeout: Duration::from_secs(5),
@@ -148,7 +140,6 @@ async fn pacer(config: RunConfig, n: usize) -> f64 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let rate = (acked.get() - start_count) as f64 / start.elapsed().as_secs_f64();
-    eprintln!("max buffer depth {}", handle.shared.lock().max_depth);
     let _ = stop_tx.send(());
     let _ = run.await;
     rate
@@ -205,25 +196,13 @@ fn main() {
     produce(&bootstrap, "bench", MESSAGES);
     produce(&bootstrap, "bench-http", HTTP_MESSAGES);
 
-    let bare = if std::env::var("BENCH_SKIP_BARE").is_ok() {
-        1.0
-    } else {
-        eprintln!("bare consumer ...");
-        bare_consumer(&bootstrap, "bench", MESSAGES)
-    };
+    eprintln!("bare consumer ...");
+    let bare = bare_consumer(&bootstrap, "bench", MESSAGES);
     eprintln!("pacer --sink null ...");
-    let null = if std::env::var("BENCH_SKIP_NULL").is_ok() {
-        1.0
-    } else {
-        rt.block_on(pacer(
-            config(&bootstrap, "bench", "bench-null", SinkSpec::Null, 64),
-            MESSAGES,
-        ))
-    };
-    if std::env::var("BENCH_SKIP_HTTP").is_ok() {
-        println!("null: {null:.0} msg/s, bare: {bare:.0} msg/s");
-        return;
-    }
+    let null = rt.block_on(pacer(
+        config(&bootstrap, "bench", "bench-null", SinkSpec::Null, 64),
+        MESSAGES,
+    ));
     let (bare_http_rate, http_rate) = rt.block_on(async {
         let addr = noop_server().await;
         let url = format!("http://{addr}/");
