@@ -116,12 +116,9 @@ pub async fn run(
                 member,
             });
             let rx = lease.allowance();
-            let shared_slot: Arc<std::sync::Mutex<Option<Arc<Shared>>>> = Arc::default();
-            let slot = shared_slot.clone();
-            let reporter_lease = lease.clone_demand();
+            let demand = lease.clone_demand();
             let result = run_with_allowance(config, rx, shutdown, move |h| {
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(h.shared.clone());
-                tokio::spawn(leased::report_demand(h.shared, reporter_lease));
+                tokio::spawn(leased::report_demand(h.shared, demand));
             })
             .await;
             lease.release().await;

@@ -9,11 +9,9 @@ use clap::Parser;
 use pacer_runtime::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("PACER_LOG").unwrap_or_else(|_| {
-        // librdkafka's own log lines come through `rdkafka` at info; keep them at warn.
-        EnvFilter::new("info,rdkafka=warn")
-    });
+fn init_tracing(format: LogFormat, default: &str) {
+    // librdkafka's own log lines come through `rdkafka` at info; keep them at warn.
+    let filter = EnvFilter::try_from_env("PACER_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -28,7 +26,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            init_tracing(args.log_format);
+            init_tracing(args.log_format, "info,rdkafka=warn");
             let config = match args.validate() {
                 Ok(c) => c,
                 Err(e) => {
@@ -53,7 +51,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Coordinator(args) => {
-            init_tracing(LogFormat::Text);
+            init_tracing(LogFormat::Text, "info");
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -70,7 +68,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo(args) => {
-            init_tracing(LogFormat::Text);
+            // The demo prints its own table on stdout; logs only for problems.
+            init_tracing(LogFormat::Text, "warn");
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
