@@ -560,3 +560,46 @@ async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metr
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_sink_relays_values_and_headers_to_another_topic() {
+    let kafka = Kafka::new();
+    kafka.topic("relay-in", 2);
+    kafka.topic("relay-out", 1);
+    let p = kafka.producer();
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer};
+    for i in 0..10 {
+        let value = format!("{i:08}");
+        let key = format!("k{i}");
+        let rec: BaseRecord<'_, str, str> = BaseRecord::to("relay-in")
+            .key(key.as_str())
+            .payload(value.as_str())
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "trace",
+                value: Some("t-1"),
+            }));
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    let mut c = config(
+        &kafka.bootstrap,
+        "relay-in",
+        "g-relay",
+        SinkSpec::Kafka("relay-out".into()),
+    );
+    c.budget = BudgetSource::Standalone {
+        rate: 100.0,
+        in_flight: 4,
+    };
+    let r = InProcess::start(c).await;
+    let out = kafka.read_all("relay-out", 10, Duration::from_secs(30));
+    r.stop().await;
+    assert_eq!(out.len(), 10);
+    let ids: HashSet<String> = out
+        .iter()
+        .map(|(v, _)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(ids.len(), 10);
+    assert!(out.iter().all(|(_, h)| h["trace"] == "t-1"));
+}

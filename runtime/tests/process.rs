@@ -344,6 +344,22 @@ async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_
     );
     assert!(metric(&m, "pacer_buffer_messages").unwrap_or(0.0) <= 1000.0);
     p.signal(libc::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    // The replica's own record of the deepest its buffer ever got (every push, not a
+    // sample).
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let depth: usize = text
+        .lines()
+        .find(|l| l.contains("Replica stopped"))
+        .and_then(|l| l.split("max_buffer_depth=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|d| d.parse().ok())
+        .expect("max_buffer_depth in the log");
+    eprintln!("max buffer depth over the run: {depth}");
+    assert!(depth <= 1000, "the buffer held {depth} > 1000 messages");
     let _ = std::fs::remove_file(&log);
 }
 
@@ -384,4 +400,49 @@ async fn an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdo
         assert!(!text.contains("panicked"), "{text}");
         let _ = std::fs::remove_file(&log);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdout_sink_writes_one_value_per_line() {
+    let kafka = Kafka::new();
+    kafka.topic("out", 1);
+    kafka.produce("out", 1, 0..5, 8, |_| None);
+    let args = run_args(
+        &kafka.bootstrap,
+        "out",
+        "g-out",
+        "stdout",
+        &["--rate", "100"],
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .args(&args)
+        .env("PACER_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Pacer { child };
+    let mut stdout = p.child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 256];
+        let until = Instant::now() + Duration::from_secs(40);
+        while buf.iter().filter(|b| **b == b'\n').count() < 5 && Instant::now() < until {
+            match stdout.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf
+    });
+    let out = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    p.signal(libc::SIGTERM);
+    let lines: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines, (0..5).map(|i| format!("{i:08}")).collect::<Vec<_>>());
 }
