@@ -603,3 +603,65 @@ async fn the_kafka_sink_relays_values_and_headers_to_another_topic() {
     assert_eq!(ids.len(), 10);
     assert!(out.iter().all(|(_, h)| h["trace"] == "t-1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_change_resizes_the_in_flight_limit_live() {
+    let kafka = Kafka::new();
+    kafka.topic("slots", 4);
+    kafka.produce("slots", 4, 0..2000, 20, |_| None);
+    let sink = TestSink::start(std::sync::Arc::new(|_| Reply {
+        delay: Duration::from_millis(100),
+        ..Reply::OK
+    }))
+    .await;
+    let c = config(
+        &kafka.bootstrap,
+        "slots",
+        "g-slots",
+        SinkSpec::Http(sink.url()),
+    );
+    let granted = |in_flight: u32| pacer_runtime::lease::Allowance {
+        rate: f64::INFINITY,
+        in_flight,
+        source: pacer_runtime::lease::AllowanceSource::Granted,
+    };
+    let r = InProcess::start_with(c, granted(2)).await;
+    let state = sink.state.clone();
+    wait_for(
+        "20 deliveries at 2 in flight",
+        Duration::from_secs(30),
+        || state.delivered_count() >= 20,
+    )
+    .await;
+    assert_eq!(
+        state
+            .max_concurrent
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    r.allowance.send(granted(6)).unwrap();
+    wait_for("6 concurrent requests", Duration::from_secs(5), || {
+        state.current.load(std::sync::atomic::Ordering::SeqCst) == 6
+    })
+    .await;
+    r.allowance.send(granted(1)).unwrap();
+    // In-flight work finishes (100 ms); from then on one at a time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    state
+        .max_concurrent
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    let n = state.delivered_count();
+    wait_for(
+        "5 more deliveries at 1 in flight",
+        Duration::from_secs(10),
+        || state.delivered_count() >= n + 5,
+    )
+    .await;
+    r.stop().await;
+    assert_eq!(
+        state
+            .max_concurrent
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+}

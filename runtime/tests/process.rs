@@ -446,3 +446,49 @@ async fn the_stdout_sink_writes_one_value_per_line() {
         .collect();
     assert_eq!(lines, (0..5).map(|i| format!("{i:08}")).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_grace_period_exits_at_once() {
+    let kafka = Kafka::new();
+    kafka.topic("twice", 1);
+    kafka.produce("twice", 1, 0..50, 8, |_| None);
+    let sink = TestSink::ok().await;
+    sink.state.stalled.store(true, Ordering::SeqCst);
+    let args = run_args(
+        &kafka.bootstrap,
+        "twice",
+        "g-twice",
+        &sink.url(),
+        &[
+            "--rate",
+            "100",
+            "--timeout",
+            "60s",
+            "--shutdown-grace",
+            "60s",
+        ],
+    );
+    let mut p = Pacer::spawn(&args);
+    let state = sink.state.clone();
+    wait_for(
+        "a request held by the stalled sink",
+        Duration::from_secs(30),
+        || state.current.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    p.signal(libc::SIGTERM);
+    // The first signal waits for in-flight work (up to 60 s here)...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "exited before the grace period"
+    );
+    // ...the second one does not.
+    let sent = Instant::now();
+    p.signal(libc::SIGTERM);
+    let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(130));
+    assert!(sent.elapsed() < Duration::from_secs(5));
+}
