@@ -53,9 +53,14 @@ pub struct RunArgs {
     /// Consumer group id.
     #[arg(long, env = "PACER_GROUP_ID", value_parser = non_empty)]
     pub group_id: String,
-    /// Extra librdkafka property `key=value` (repeatable; comma-separated in the env var).
-    #[arg(long = "kafka-config", env = "PACER_KAFKA_CONFIG", value_delimiter = ',', value_parser = key_value)]
-    pub kafka_config: Vec<(String, String)>,
+    /// Extra librdkafka property `key=value` (repeatable; comma-separated in the env
+    /// var; a piece without `=` continues the previous value, so `a=x,y` keeps `x,y`).
+    #[arg(
+        long = "kafka-config",
+        env = "PACER_KAFKA_CONFIG",
+        value_delimiter = ','
+    )]
+    pub kafka_config: Vec<String>,
 
     /// Coordinator base URL (`http://host:port`); with it the budget is leased.
     #[arg(long, env = "PACER_COORDINATOR", value_parser = http_url)]
@@ -323,6 +328,8 @@ impl RunArgs {
         if timeout.is_zero() {
             return Err(invalid("--timeout", "0s: must be > 0"));
         }
+        let kafka_config =
+            parse_kafka_config(&kafka_config).map_err(|m| invalid("--kafka-config", m))?;
         let reserved = ["group.id", "bootstrap.servers", "enable.auto.offset.store"];
         if let Some((k, _)) = kafka_config
             .iter()
@@ -366,11 +373,32 @@ fn non_empty(s: &str) -> Result<String, String> {
     }
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
-        _ => Err("expected a librdkafka property as key=value".into()),
+/// Turns `--kafka-config` pieces (split at commas by clap) into properties. librdkafka
+/// values may contain commas (`partition.assignment.strategy=range,roundrobin`), so a
+/// piece that does not start with `key=` continues the previous value.
+pub fn parse_kafka_config(pieces: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for piece in pieces {
+        let new_key = piece.split_once('=').filter(|(k, _)| {
+            let k = k.trim();
+            !k.is_empty()
+                && k.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        });
+        match (new_key, out.last_mut()) {
+            (Some((k, v)), _) => out.push((k.trim().to_string(), v.trim().to_string())),
+            (None, Some((_, v))) => {
+                v.push(',');
+                v.push_str(piece.trim());
+            }
+            (None, None) => {
+                return Err(format!(
+                    "'{piece}': expected a librdkafka property as key=value"
+                ))
+            }
+        }
     }
+    Ok(out)
 }
 
 fn http_url(s: &str) -> Result<String, String> {
@@ -571,6 +599,26 @@ mod tests {
             err.to_string().contains("enable.auto.offset.store"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn kafka_config_values_may_contain_commas() {
+        let pieces: Vec<String> =
+            "partition.assignment.strategy=range,roundrobin,fetch.max.bytes=1"
+                .split(',')
+                .map(str::to_string)
+                .collect();
+        assert_eq!(
+            parse_kafka_config(&pieces).unwrap(),
+            vec![
+                (
+                    "partition.assignment.strategy".into(),
+                    "range,roundrobin".into()
+                ),
+                ("fetch.max.bytes".into(), "1".into()),
+            ]
+        );
+        assert!(parse_kafka_config(&["novalue".into()]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::pipeline::Shared;
 use crate::rate::RateLimiter;
@@ -70,6 +70,7 @@ pub async fn follow(
     shared: Arc<Shared>,
     limiter: Arc<RateLimiter>,
 ) {
+    let mut last_source = None;
     loop {
         let a = *rx.borrow_and_update();
         limiter.set_rate(a.rate);
@@ -82,12 +83,24 @@ pub async fn follow(
         m.fallback
             .set(i64::from(a.source == AllowanceSource::Fallback));
         shared.wake.notify_one();
-        info!(
-            rate = a.rate,
-            in_flight = a.in_flight,
-            source = a.source.as_str(),
-            "Allowance applied"
-        );
+        // A demand-driven lease can change every refresh: info only when its source
+        // changes (granted, fallback...), debug otherwise.
+        if last_source != Some(a.source) {
+            info!(
+                rate = a.rate,
+                in_flight = a.in_flight,
+                source = a.source.as_str(),
+                "Allowance applied"
+            );
+        } else {
+            debug!(
+                rate = a.rate,
+                in_flight = a.in_flight,
+                source = a.source.as_str(),
+                "Allowance applied"
+            );
+        }
+        last_source = Some(a.source);
         if rx.changed().await.is_err() {
             return;
         }

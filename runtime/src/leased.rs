@@ -124,6 +124,7 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
     let mut last_latency = (0u64, 0u64);
     let mut last_at = Instant::now();
     let mut rate_ewma = 0.0f64;
+    let mut refreshes = (0u64, 0u64);
     let mut tick = tokio::time::interval(DEMAND_EVERY);
     loop {
         tick.tick().await;
@@ -157,13 +158,18 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
             },
             observed_rate: Some(rate_ewma),
         });
+        // Mirror the client's totals into counters (by their increase since last time).
         let m = &shared.metrics;
-        m.lease_refreshes
-            .get_or_create(&ResultLabels { result: "ok" })
-            .set(sink.stats.refresh_ok.load(AtomicOrdering::Relaxed) as i64);
-        m.lease_refreshes
-            .get_or_create(&ResultLabels { result: "error" })
-            .set(sink.stats.refresh_error.load(AtomicOrdering::Relaxed) as i64);
+        for (result, total, seen) in [
+            ("ok", &sink.stats.refresh_ok, &mut refreshes.0),
+            ("error", &sink.stats.refresh_error, &mut refreshes.1),
+        ] {
+            let now = total.load(AtomicOrdering::Relaxed);
+            m.lease_refreshes
+                .get_or_create(&ResultLabels { result })
+                .inc_by(now.saturating_sub(*seen));
+            *seen = now;
+        }
         if sent.is_err() {
             return;
         }

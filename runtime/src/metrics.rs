@@ -52,7 +52,7 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     pub lag: Family<PartitionLabels, Gauge>,
     pub sink_latency: Histogram,
-    pub lease_refreshes: Family<ResultLabels, Gauge>,
+    pub lease_refreshes: Family<ResultLabels, Counter>,
     pub fallback: Gauge,
     pub kafka_errors: Counter,
     registry: Registry,
