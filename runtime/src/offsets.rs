@@ -9,7 +9,7 @@
 //! Pure: no I/O and no clock here. The caller stores the returned offsets in the
 //! consumer.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 use std::hash::Hash;
 
 use crate::hash::FxHashMap;
@@ -17,8 +17,12 @@ use crate::hash::FxHashMap;
 /// Per-partition bookkeeping.
 #[derive(Debug, Default, Clone)]
 struct PartitionOffsets {
-    /// Received and not completed.
-    outstanding: BTreeSet<i64>,
+    /// Received offsets from the lowest unfinished one on, in increasing order, each with
+    /// a "done" flag. Finished offsets at the front are dropped at once, so the front is
+    /// always the committable offset. A ring rather than a tree: offsets arrive in order,
+    /// so receiving is a push and completing a binary search (this is on the per-message
+    /// path of the Kafka thread).
+    window: VecDeque<(i64, bool)>,
     /// One past the highest offset received.
     next: Option<i64>,
     /// Last value returned as committable, so each advance is reported once.
@@ -27,7 +31,36 @@ struct PartitionOffsets {
 
 impl PartitionOffsets {
     fn committable(&self) -> Option<i64> {
-        self.outstanding.first().copied().or(self.next)
+        self.window.front().map(|(o, _)| *o).or(self.next)
+    }
+
+    fn receive(&mut self, offset: i64) {
+        match self.window.back() {
+            Some((last, _)) if offset <= *last => {
+                // Out of order (a re-delivery after a seek): keep the window sorted.
+                match self.window.binary_search_by_key(&offset, |(o, _)| *o) {
+                    Ok(i) => self.window[i].1 = false,
+                    Err(i) => self.window.insert(i, (offset, false)),
+                }
+            }
+            _ => self.window.push_back((offset, false)),
+        }
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Marks `offset` done; false if it was not outstanding.
+    fn complete(&mut self, offset: i64) -> bool {
+        let Ok(i) = self.window.binary_search_by_key(&offset, |(o, _)| *o) else {
+            return false;
+        };
+        if self.window[i].1 {
+            return false;
+        }
+        self.window[i].1 = true;
+        while self.window.front().is_some_and(|(_, done)| *done) {
+            self.window.pop_front();
+        }
+        true
     }
 }
 
@@ -64,8 +97,7 @@ impl<P: Eq + Hash + Clone> OffsetTracker<P> {
                     ..PartitionOffsets::default()
                 }),
         };
-        p.outstanding.insert(offset);
-        p.next = Some(p.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        p.receive(offset);
     }
 
     /// Records completion of `offset`. Returns the new committable offset when it
@@ -73,7 +105,7 @@ impl<P: Eq + Hash + Clone> OffsetTracker<P> {
     /// an untracked partition, e.g. one revoked meanwhile).
     pub fn completed(&mut self, partition: &P, offset: i64) -> Option<i64> {
         let p = self.partitions.get_mut(partition)?;
-        if !p.outstanding.remove(&offset) {
+        if !p.complete(offset) {
             return None;
         }
         let now = p.committable()?;
@@ -93,7 +125,7 @@ impl<P: Eq + Hash + Clone> OffsetTracker<P> {
     pub fn outstanding(&self, partition: &P) -> usize {
         self.partitions
             .get(partition)
-            .map_or(0, |p| p.outstanding.len())
+            .map_or(0, |p| p.window.iter().filter(|(_, done)| !done).count())
     }
 
     /// Forgets a partition (revoked, or reassigned and started clean).
@@ -143,6 +175,17 @@ mod tests {
         t.remove(&3);
         assert_eq!(t.completed(&3, 1), None);
         assert_eq!(t.committable(&3), None);
+    }
+
+    #[test]
+    fn a_second_completion_of_the_same_offset_changes_nothing() {
+        let mut t = OffsetTracker::new();
+        t.received(&0, 5);
+        t.received(&0, 6);
+        assert_eq!(t.completed(&0, 5), Some(6));
+        assert_eq!(t.completed(&0, 5), None);
+        assert_eq!(t.outstanding(&0), 1);
+        assert_eq!(t.committable(&0), Some(6));
     }
 
     #[test]
