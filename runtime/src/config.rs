@@ -78,19 +78,21 @@ pub struct RunArgs {
     /// Standalone rate budget in messages per second, or `unlimited`.
     #[arg(long, env = "PACER_RATE", value_parser = rate, allow_negative_numbers = true)]
     pub rate: Option<f64>,
-    /// Standalone in-flight budget.
+    /// Standalone in-flight budget (default 16).
     #[arg(long, env = "PACER_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_in_flight: Option<u32>,
-    /// Token-bucket burst: messages that may go at once after an idle period.
+    /// Token-bucket burst: messages that may go at once after an idle period (raised to
+    /// at least 4 ms worth of the rate, the timer's resolution).
     #[arg(long, env = "PACER_BURST", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub burst: u32,
     /// Ordering of deliveries.
     #[arg(long, env = "PACER_ORDERING", value_enum, default_value_t = Ordering::None)]
     pub ordering: Ordering,
-    /// Buffered messages at which the assigned partitions are paused.
+    /// Most messages buffered ahead of the dispatcher: fetching stops at this bound, and
+    /// the assigned partitions are paused if the buffer stays full.
     #[arg(long, env = "PACER_BUFFER_MESSAGES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub buffer_messages: u32,
-    /// Buffered bytes (keys + values) at which the assigned partitions are paused.
+    /// Most bytes (keys, values, headers) buffered ahead of the dispatcher, as above.
     #[arg(long, env = "PACER_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 40)))]
     pub buffer_bytes: u64,
 

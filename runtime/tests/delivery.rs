@@ -665,3 +665,60 @@ async fn a_lease_change_resizes_the_in_flight_limit_live() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offset_order() {
+    let kafka = Kafka::new();
+    kafka.topic("parts", 3);
+    kafka.produce("parts", 3, 0..150, 20, |_| None);
+    let sink = TestSink::start(Arc::new(|s| Reply {
+        delay: Duration::from_millis((s.offset as u64 * 7) % 5),
+        ..Reply::OK
+    }))
+    .await;
+    let mut c = config(
+        &kafka.bootstrap,
+        "parts",
+        "g-parts",
+        SinkSpec::Http(sink.url()),
+    );
+    c.ordering = Order::Partition;
+    let r = InProcess::start(c).await;
+    let state = sink.state.clone();
+    wait_for("150 deliveries", Duration::from_secs(60), || {
+        state.delivered_count() >= 150
+    })
+    .await;
+    r.stop().await;
+    let mut by_partition: HashMap<i32, Vec<Seen>> = HashMap::new();
+    for s in sink.state.delivered() {
+        by_partition.entry(s.partition).or_default().push(s);
+    }
+    assert_eq!(by_partition.len(), 3);
+    for (p, mut seen) in by_partition {
+        seen.sort_by_key(|s| s.start);
+        assert_eq!(seen.len(), 50);
+        for w in seen.windows(2) {
+            assert!(
+                w[0].offset < w[1].offset,
+                "partition {p}: offset {} after {}",
+                w[1].offset,
+                w[0].offset
+            );
+            assert!(
+                w[0].end <= w[1].start,
+                "partition {p}: offsets {} and {} overlapped",
+                w[0].offset,
+                w[1].offset
+            );
+        }
+    }
+    let max = sink
+        .state
+        .max_concurrent
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&max),
+        "partitions should run in parallel, at most 3 at once; saw {max}"
+    );
+}
