@@ -208,9 +208,10 @@ async fn after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicat
     let seen = ids(&sink);
     assert!((0..N).all(|i| seen.contains_key(&i)), "a message was lost");
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    // Delivered but not yet committed when killed: in flight, plus what completed within
-    // one auto-commit interval (200 ms here) and one offset-store interval.
-    let bound = in_flight + rate * 250 / 1000;
+    // Delivered but not yet committed when killed: in flight, plus what completed since
+    // the last auto-commit (every 200 ms here; offsets are stored every 20 ms), with as
+    // much again for a commit delayed by a busy machine.
+    let bound = in_flight + rate * 400 / 1000;
     eprintln!("killed after {before} deliveries; {duplicates} duplicates (bound {bound})");
     assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
 }
