@@ -1,6 +1,7 @@
 //! A fleet: `pacer coordinator` and three `pacer run` replicas as child processes sharing
-//! one leased budget. The sink must see the global budget, not three times it, and a
-//! replica leaving cleanly hands its share to the others.
+//! one leased budget. The sink must see the global budget, not three times it; a replica
+//! leaving cleanly hands its share to the others; a budget reload (SIGHUP) re-rates the
+//! fleet without a burst; a dead coordinator leaves the replicas on their fallback share.
 
 mod common;
 
@@ -47,7 +48,7 @@ async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_
     let token = dir.join("token");
     write(&token, TOKEN);
     let port = free_port();
-    let _coordinator = Pacer::spawn(&[
+    let coordinator = Pacer::spawn(&[
         "coordinator".into(),
         "--listen".into(),
         format!("127.0.0.1:{port}"),
@@ -55,6 +56,7 @@ async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_
         budgets.display().to_string(),
     ]);
 
+    let admin_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let replica = |i: usize| {
         let mut args: Vec<String> = [
             "run",
@@ -67,7 +69,7 @@ async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_
             "--sink",
             &sink.url(),
             "--admin-addr",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{}", admin_ports[i]),
             "--coordinator",
             &format!("http://127.0.0.1:{port}"),
             "--budget",
@@ -151,6 +153,86 @@ async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_
     assert!(
         two >= BUDGET * 0.8,
         "the leaver's share was not handed on: {two:.1} of {BUDGET} msg/s"
+    );
+    // The budget doubles: edit the file, SIGHUP the coordinator. The replicas' leases
+    // follow within a few refreshes, without a burst.
+    write(
+        &budgets,
+        &std::fs::read_to_string(&budgets).unwrap().replace(
+            &format!("messagesPerSecond: {BUDGET}"),
+            &format!("messagesPerSecond: {}", 2.0 * BUDGET),
+        ),
+    );
+    coordinator.signal(libc::SIGHUP);
+    let raised = Instant::now();
+    wait_for(
+        "the raised budget to reach the replicas",
+        Duration::from_secs(10),
+        || raised.elapsed() >= Duration::from_secs(2),
+    )
+    .await;
+    let from = Instant::now();
+    wait_for("3 s at the raised budget", Duration::from_secs(10), || {
+        from.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let doubled = rate_between(&sink, from, 3);
+    let windows: Vec<usize> = (0..5)
+        .map(|w| {
+            let a = raised + Duration::from_secs(w);
+            sink.state
+                .delivered()
+                .iter()
+                .filter(|s| s.start >= a && s.start < a + Duration::from_secs(1))
+                .count()
+        })
+        .collect();
+    eprintln!(
+        "budget raised to {}: {doubled:.1} msg/s; 1-s windows from the reload {windows:?}",
+        2.0 * BUDGET
+    );
+    assert!(
+        (doubled - 2.0 * BUDGET).abs() <= 0.1 * 2.0 * BUDGET,
+        "after raising the budget to {}: {doubled:.1} msg/s",
+        2.0 * BUDGET
+    );
+    for n in &windows {
+        // One permit of burst per replica.
+        assert!(
+            *n as f64 <= 2.0 * BUDGET + 2.0,
+            "a 1-s window had {n} messages at a budget of {}",
+            2.0 * BUDGET
+        );
+    }
+
+    // The coordinator dies: leases run out and the replicas fall back to their fallback
+    // share (flagged in /metrics) instead of stopping or overshooting.
+    coordinator.signal(libc::SIGKILL);
+    let died = Instant::now();
+    let ports: Vec<u16> = admin_ports[1..].to_vec();
+    let mut fallback_seen = false;
+    while died.elapsed() < Duration::from_secs(8) && !fallback_seen {
+        for port in &ports {
+            if let Some(m) = scrape(*port).await {
+                fallback_seen |= metric(&m, "pacer_fallback") == Some(1.0);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fallback_seen,
+        "no replica reported running on its fallback share"
+    );
+    let from = Instant::now();
+    wait_for("1 s on the fallback share", Duration::from_secs(5), || {
+        from.elapsed() >= Duration::from_secs(1)
+    })
+    .await;
+    let on_fallback = rate_between(&sink, from, 1);
+    eprintln!("coordinator gone: {on_fallback:.1} msg/s on fallback shares");
+    assert!(
+        on_fallback > 0.0 && on_fallback <= 2.0 * BUDGET + 2.0,
+        "{on_fallback} msg/s on fallback"
     );
     for r in &replicas {
         r.signal(libc::SIGTERM);

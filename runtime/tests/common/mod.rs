@@ -454,6 +454,7 @@ impl Pacer {
             libc::SIGKILL => "KILL",
             libc::SIGTERM => "TERM",
             libc::SIGINT => "INT",
+            libc::SIGHUP => "HUP",
             _ => "TERM",
         };
         let _ = Command::new("kill")
