@@ -29,7 +29,7 @@ fn rate_between(sink: &TestSink, from: Instant, secs: u64) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_it_after_one_leaves(
+async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_and_a_coordinator_crash(
 ) {
     let kafka = Kafka::new();
     kafka.topic("fleet", 6);
@@ -233,6 +233,100 @@ async fn three_leased_replicas_together_stay_within_the_global_budget_and_share_
     assert!(
         on_fallback > 0.0 && on_fallback <= 2.0 * BUDGET + 2.0,
         "{on_fallback} msg/s on fallback"
+    );
+    for r in &replicas {
+        r.signal(libc::SIGTERM);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_budget() {
+    let kafka = Kafka::new();
+    // Two partitions, two replicas, and a backlog in partition 0 only.
+    kafka.topic("skew", 2);
+    kafka.produce("skew", 1, 0..2000, 50, |_| None);
+    let sink = TestSink::ok().await;
+    let dir = std::env::temp_dir().join(format!("pacer-skew-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let budgets = dir.join("budgets.yaml");
+    write(
+        &budgets,
+        &format!(
+            "budgets:\n  - namespace: default\n    name: skew\n    messagesPerSecond: {BUDGET}\n    maxInFlight: 6\n    policy: demand\n    leaseSeconds: 2\n    refreshMillis: 200\n    expectedMembers: 2\n    token: {TOKEN}\n"
+        ),
+    );
+    let token = dir.join("token");
+    write(&token, TOKEN);
+    let port = free_port();
+    let _coordinator = Pacer::spawn(&[
+        "coordinator".into(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--budgets".into(),
+        budgets.display().to_string(),
+    ]);
+    let replicas: Vec<Pacer> = (0..2)
+        .map(|i| {
+            let mut args: Vec<String> = [
+                "run",
+                "--bootstrap-servers",
+                &kafka.bootstrap,
+                "--topic",
+                "skew",
+                "--group-id",
+                "g-skew",
+                "--sink",
+                &sink.url(),
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--coordinator",
+                &format!("http://127.0.0.1:{port}"),
+                "--budget",
+                "default/skew",
+                "--token-file",
+                &token.display().to_string(),
+                "--member",
+                &format!("skew-{i}"),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for (k, v) in fast_group() {
+                args.push("--kafka-config".into());
+                args.push(format!("{k}={v}"));
+            }
+            Pacer::spawn(&args)
+        })
+        .collect();
+    let state = sink.state.clone();
+    wait_for(
+        "the busy replica to deliver",
+        Duration::from_secs(60),
+        || state.delivered_count() >= 50,
+    )
+    .await;
+    // Demand is reported every second and smoothed: give it a few refreshes.
+    let settle = Instant::now();
+    wait_for("demand to settle", Duration::from_secs(10), || {
+        settle.elapsed() >= Duration::from_secs(4)
+    })
+    .await;
+    let from = Instant::now();
+    wait_for("3 s of deliveries", Duration::from_secs(10), || {
+        from.elapsed() >= Duration::from_secs(3)
+    })
+    .await;
+    let busy = rate_between(&sink, from, 3);
+    eprintln!("one busy replica of two: {busy:.1} msg/s of {BUDGET}");
+    // With an equal split it would get half; with demand it gets nearly all.
+    assert!(
+        busy >= BUDGET * 0.85,
+        "the busy replica got {busy:.1} of {BUDGET} msg/s"
+    );
+    assert!(
+        busy <= BUDGET * 1.05,
+        "{busy:.1} msg/s over a budget of {BUDGET}"
     );
     for r in &replicas {
         r.signal(libc::SIGTERM);
