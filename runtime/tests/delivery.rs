@@ -722,3 +722,33 @@ async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offs
         "partitions should run in parallel, at most 3 at once; saw {max}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_does_not_exist_yet_is_reported_then_consumed_once_it_appears() {
+    let kafka = Kafka::new();
+    let sink = TestSink::ok().await;
+    let r = InProcess::start(config(
+        &kafka.bootstrap,
+        "late",
+        "g-late",
+        SinkSpec::Http(sink.url()),
+    ))
+    .await;
+    let shared = r.handle.shared.clone();
+    wait_for(
+        "the missing topic to be reported",
+        Duration::from_secs(30),
+        || metric(&shared.metrics.encode(), "pacer_kafka_errors_total").unwrap_or(0.0) >= 1.0,
+    )
+    .await;
+    kafka.topic("late", 1);
+    kafka.produce("late", 1, 0..5, 20, |_| None);
+    let state = sink.state.clone();
+    wait_for(
+        "the 5 messages once the topic exists",
+        Duration::from_secs(60),
+        || state.delivered_count() >= 5,
+    )
+    .await;
+    r.stop().await;
+}
