@@ -8,15 +8,16 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "Prerequisites"
-# rdkafka builds librdkafka from source: a C compiler, make, perl, and zlib headers.
+# rdkafka builds librdkafka from source: a C compiler, make, perl, pkg-config, and the
+# zlib and OpenSSL headers (TLS and SASL_SSL to Kafka).
 missing=()
-for cmd in cc make perl python3; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
-if [ ${#missing[@]} -gt 0 ] || ! [ -e /usr/include/zlib.h ]; then
+for cmd in cc make perl pkg-config python3; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
+if [ ${#missing[@]} -gt 0 ] || ! [ -e /usr/include/zlib.h ] || ! [ -e /usr/include/openssl/ssl.h ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl zlib1g-dev python3 python3-pip >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl pkg-config zlib1g-dev libssl-dev python3 python3-pip >/dev/null
   else
-    echo "missing: ${missing[*]} (and/or zlib headers); install them and rerun" >&2
+    echo "missing: ${missing[*]} (and/or zlib or OpenSSL headers); install them and rerun" >&2
     exit 1
   fi
 fi

@@ -566,7 +566,7 @@ mod tests {
             ("PACER_GROUP_ID", "orders-sync"),
             (
                 "PACER_KAFKA_CONFIG",
-                "sasl.mechanism=PLAIN,sasl.username=orders-sync,security.protocol=SASL_PLAINTEXT,sasl.password=$(PACER_KAFKA_SECRET_0)",
+                "sasl.mechanism=PLAIN,sasl.username=orders-sync,security.protocol=SASL_SSL,sasl.password=$(PACER_KAFKA_SECRET_0)",
             ),
             ("PACER_COORDINATOR", "http://pacer-operator.pacer-system.svc:8080"),
             ("PACER_BUDGET", "shop/orders-sync"),
