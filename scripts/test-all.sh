@@ -40,6 +40,11 @@ fi
 step "Build the binaries the fleet tests spawn"
 cargo build --workspace --bins
 
+if [ -x scripts/check-env-contract.sh ]; then
+  step "The env the operator builds is accepted by pacer run"
+  scripts/check-env-contract.sh
+fi
+
 step "Tests (unit, property, mocked API, real processes on an embedded broker)"
 # The CRD drift check is one of these tests (pacer-operator).
 cargo nextest run --workspace --no-fail-fast
