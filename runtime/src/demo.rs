@@ -22,6 +22,9 @@ use crate::config::{BudgetSource, DemoArgs, Ordering, RetryPolicy, RunConfig, Si
 
 const TOPIC: &str = "demo";
 const TOKEN: &str = "pacer-demo-token-0123456789abcdef";
+/// Short leases and fallback window, so the demo's start-up learning takes 4 s.
+const LEASE_MS: u64 = 2_000;
+const FALLBACK_MS: u64 = 2_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -76,9 +79,9 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             capacity: Share::new(budget, replicas * 4),
             policy: Policy::Demand,
             expected_members: replicas,
-            lease_ms: 2_000,
+            lease_ms: LEASE_MS,
             refresh_ms: 250,
-            fallback_ms: 6_000,
+            fallback_ms: FALLBACK_MS,
         },
         TOKEN.to_string(),
     );
@@ -154,7 +157,10 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         fleet.push((tx, task));
     }
     println!(
-        "{replicas} replicas share {budget} msg/s; the coordinator learns for one lease (2 s) first"
+        "{replicas} replicas share {budget} msg/s; a coordinator that just started grants \
+         nothing new for a lease plus the fallback window ({} s: it cannot know what an \
+         earlier incarnation granted)",
+        (LEASE_MS + FALLBACK_MS) / 1000
     );
 
     // Group join (the mock broker delays the first rebalance by ~3 s) and the
