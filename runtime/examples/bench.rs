@@ -196,13 +196,22 @@ fn main() {
     produce(&bootstrap, "bench", MESSAGES);
     produce(&bootstrap, "bench-http", HTTP_MESSAGES);
 
-    eprintln!("bare consumer ...");
-    let bare = bare_consumer(&bootstrap, "bench", MESSAGES);
-    eprintln!("pacer --sink null ...");
-    let null = rt.block_on(pacer(
-        config(&bootstrap, "bench", "bench-null", SinkSpec::Null, 64),
-        MESSAGES,
-    ));
+    // BENCH_ONLY=null|http runs one half (for profiling); the table needs both.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let (mut bare, mut null) = (f64::NAN, f64::NAN);
+    if only != "http" {
+        eprintln!("bare consumer ...");
+        bare = bare_consumer(&bootstrap, "bench", MESSAGES);
+        eprintln!("pacer --sink null ...");
+        null = rt.block_on(pacer(
+            config(&bootstrap, "bench", "bench-null", SinkSpec::Null, 64),
+            MESSAGES,
+        ));
+    }
+    if only == "null" {
+        println!("bare {bare:.0} null {null:.0} ratio {:.2}", null / bare);
+        return;
+    }
     let (bare_http_rate, http_rate) = rt.block_on(async {
         let addr = noop_server().await;
         let url = format!("http://{addr}/");

@@ -85,6 +85,16 @@ impl<P: Eq + Hash + Clone> OffsetTracker<P> {
 
     /// Records that `offset` was received and is not yet complete.
     pub fn received(&mut self, partition: &P, offset: i64) {
+        self.received_all(partition, [offset]);
+    }
+
+    /// [`Self::received`] for several offsets of one partition, in the order given
+    /// (one map lookup for the run).
+    pub fn received_all(&mut self, partition: &P, offsets: impl IntoIterator<Item = i64>) {
+        let mut offsets = offsets.into_iter();
+        let Some(first) = offsets.next() else {
+            return;
+        };
         let p = match self.partitions.get_mut(partition) {
             Some(p) => p,
             // The first offset is where the partition starts: committing it would be
@@ -93,19 +103,37 @@ impl<P: Eq + Hash + Clone> OffsetTracker<P> {
                 .partitions
                 .entry(partition.clone())
                 .or_insert_with(|| PartitionOffsets {
-                    reported: Some(offset),
+                    reported: Some(first),
                     ..PartitionOffsets::default()
                 }),
         };
-        p.receive(offset);
+        p.receive(first);
+        for o in offsets {
+            p.receive(o);
+        }
     }
 
     /// Records completion of `offset`. Returns the new committable offset when it
     /// advanced past what was last returned, `None` otherwise (including for offsets of
     /// an untracked partition, e.g. one revoked meanwhile).
     pub fn completed(&mut self, partition: &P, offset: i64) -> Option<i64> {
+        self.completed_all(partition, [offset])
+    }
+
+    /// [`Self::completed`] for several offsets of one partition (one map lookup): the
+    /// committable offset after all of them when it advanced past what was last
+    /// returned.
+    pub fn completed_all(
+        &mut self,
+        partition: &P,
+        offsets: impl IntoIterator<Item = i64>,
+    ) -> Option<i64> {
         let p = self.partitions.get_mut(partition)?;
-        if !p.complete(offset) {
+        let mut any = false;
+        for o in offsets {
+            any |= p.complete(o);
+        }
+        if !any {
             return None;
         }
         let now = p.committable()?;
@@ -186,6 +214,15 @@ mod tests {
         assert_eq!(t.completed(&0, 5), None);
         assert_eq!(t.outstanding(&0), 1);
         assert_eq!(t.committable(&0), Some(6));
+    }
+
+    #[test]
+    fn completing_a_run_at_once_equals_completing_it_one_by_one() {
+        let mut t = OffsetTracker::new();
+        t.received_all(&0, [10, 11, 12, 13]);
+        assert_eq!(t.completed_all(&0, [12, 11]), None);
+        assert_eq!(t.completed_all(&0, [10, 13]), Some(14));
+        assert_eq!(t.completed_all(&0, [10]), None);
     }
 
     #[test]

@@ -82,6 +82,42 @@ impl Core {
         self.max_depth = self.max_depth.max(self.buffer.len());
         true
     }
+
+    /// [`Core::push`] for a poll batch, emptying `batch`: the assignment, the tracker
+    /// and the buffer are looked up once per run of messages of one partition.
+    pub fn push_batch(&mut self, batch: &mut Vec<Message>) {
+        let mut dropped = false;
+        let mut start = 0;
+        while start < batch.len() {
+            let tp = batch[start].tp.clone();
+            let mut end = start + 1;
+            while end < batch.len() && batch[end].tp == tp {
+                end += 1;
+            }
+            let run = &mut batch[start..end];
+            match self.assigned.get(&tp) {
+                Some(&generation) if !self.stopping && !self.revoking.contains(&tp) => {
+                    for m in run.iter_mut() {
+                        m.generation = generation;
+                    }
+                    self.tracker.received_all(&tp, run.iter().map(|m| m.offset));
+                }
+                // Not kept: generation 0 is never an assignment's (they start at 1).
+                _ => {
+                    for m in run.iter_mut() {
+                        m.generation = 0;
+                    }
+                    dropped = true;
+                }
+            }
+            start = end;
+        }
+        if dropped {
+            batch.retain(|m| m.generation != 0);
+        }
+        self.buffer.extend(batch.drain(..));
+        self.max_depth = self.max_depth.max(self.buffer.len());
+    }
 }
 
 /// Everything the threads and tasks of one replica share.
@@ -158,16 +194,19 @@ impl Shared {
 
     /// [`Shared::complete`] for several messages under one lock (the synchronous
     /// sinks' fast path).
+    /// Runs of messages of one partition and generation share the map lookups.
     pub fn complete_all(&self, msgs: &[Message]) {
         let mut core = self.lock();
         let mut emptied = false;
-        for msg in msgs {
-            if core.assigned.get(&msg.tp) == Some(&msg.generation) {
-                if let Some(o) = core.tracker.completed(&msg.tp, msg.offset) {
-                    core.to_store.insert(msg.tp.clone(), o);
+        for run in runs(msgs) {
+            let first = &run[0];
+            if core.assigned.get(&first.tp) == Some(&first.generation) {
+                let tracker = &mut core.tracker;
+                if let Some(o) = tracker.completed_all(&first.tp, run.iter().map(|m| m.offset)) {
+                    core.to_store.insert(first.tp.clone(), o);
                 }
             }
-            emptied |= Self::release_slot(&mut core, msg);
+            emptied |= Self::release_slots(&mut core, run);
         }
         self.update_gauges(&core);
         drop(core);
@@ -188,12 +227,23 @@ impl Shared {
     /// Frees the key and in-flight slot of `msg`; true when its partition has nothing
     /// in flight any more (what a revoke waits for).
     fn release_slot(core: &mut Core, msg: &Message) -> bool {
-        core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
-        core.in_flight_total = core.in_flight_total.saturating_sub(1);
-        let key = (msg.tp.clone(), msg.generation);
+        Self::release_slots(core, std::slice::from_ref(msg))
+    }
+
+    /// [`Self::release_slot`] for a run of messages of one partition and generation.
+    fn release_slots(core: &mut Core, run: &[Message]) -> bool {
+        let Some(first) = run.first() else {
+            return false;
+        };
+        for msg in run {
+            core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
+        }
+        let count = run.len() as u32;
+        core.in_flight_total = core.in_flight_total.saturating_sub(count);
+        let key = (first.tp.clone(), first.generation);
         match core.in_flight.get_mut(&key) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
+            Some(n) if *n > count => {
+                *n -= count;
                 false
             }
             Some(_) => {
@@ -306,6 +356,12 @@ impl Shared {
     }
 }
 
+/// Splits `msgs` into runs of consecutive messages of the same partition and
+/// generation.
+fn runs(msgs: &[Message]) -> impl Iterator<Item = &[Message]> {
+    msgs.chunk_by(|a, b| a.generation == b.generation && a.tp == b.tp)
+}
+
 /// Most messages the unlimited fast path takes under one lock.
 const MAX_DISPATCH_BATCH: usize = 256;
 
@@ -353,16 +409,15 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 let limit = shared.in_flight_limit.load(AtomicOrdering::Relaxed);
                 let was_full = core.buffer.is_full();
                 let mut batch = Vec::new();
-                while batch.len() < MAX_DISPATCH_BATCH && core.in_flight_total < limit {
-                    let Some(m) = core.buffer.pop_ready() else {
-                        break;
-                    };
-                    core.in_flight_total += 1;
+                let slots = limit.saturating_sub(core.in_flight_total) as usize;
+                core.buffer
+                    .pop_batch(slots.min(MAX_DISPATCH_BATCH), &mut batch);
+                core.in_flight_total += batch.len() as u32;
+                for run in runs(&batch) {
                     *core
                         .in_flight
-                        .entry((m.tp.clone(), m.generation))
-                        .or_default() += 1;
-                    batch.push(m);
+                        .entry((run[0].tp.clone(), run[0].generation))
+                        .or_default() += run.len() as u32;
                 }
                 if !batch.is_empty() {
                     shared.update_gauges(&core);

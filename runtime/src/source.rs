@@ -343,9 +343,7 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         }
         let n = batch.len() as u64;
         let mut core = shared.lock();
-        for m in batch.drain(..) {
-            core.push(m);
-        }
+        core.push_batch(&mut batch);
         // Under the lock, so a concurrent pop cannot be overwritten by a stale value.
         shared.metrics.buffer_messages.set(core.buffer.len() as i64);
         shared.metrics.buffer_bytes.set(core.buffer.bytes() as i64);
