@@ -213,6 +213,47 @@ impl Shared {
         self.after_release(emptied);
     }
 
+    /// [`Shared::complete`], then, under the same lock, the next message allowed by
+    /// the ordering rule if the in-flight limit still has room for it (the caller's
+    /// slot was just freed) and the replica is not stopping; the message counts as in
+    /// flight like one the dispatcher handed out. The dispatcher is woken only when
+    /// there may be work left for it.
+    pub fn complete_and_take_next(&self, msg: &Message) -> Option<Message> {
+        let mut core = self.lock();
+        if core.assigned.get(&msg.tp) == Some(&msg.generation) {
+            if let Some(o) = core.tracker.completed(&msg.tp, msg.offset) {
+                core.to_store.insert(msg.tp.clone(), o);
+            }
+        }
+        let emptied = Self::release_slot(&mut core, msg);
+        let limit = self.in_flight_limit.load(AtomicOrdering::Relaxed);
+        let mut next = None;
+        if !core.stopping && core.in_flight_total < limit {
+            let was_full = core.buffer.is_full();
+            if let Some(m) = core.buffer.pop_ready() {
+                core.in_flight_total += 1;
+                *core
+                    .in_flight
+                    .entry((m.tp.clone(), m.generation))
+                    .or_default() += 1;
+                if was_full {
+                    self.room.notify_one();
+                }
+                next = Some(m);
+            }
+        }
+        let more = core.in_flight_total < limit && !core.buffer.is_empty();
+        self.update_gauges(&core);
+        drop(core);
+        if emptied {
+            self.idle.notify_all();
+        }
+        if next.is_none() || more {
+            self.wake.notify_one();
+        }
+        next
+    }
+
     /// A worker gave up on `msg` without finishing it (its partition was revoked or
     /// the replica is stopping): the offset stays where it is.
     pub fn abandon(&self, msg: &Message) {
@@ -521,14 +562,38 @@ async fn stopped(shared: &Shared) {
 
 /// One message through the sink, with retries and dead-lettering, until it is finished
 /// or its partition is taken away.
-pub async fn work(ctx: Arc<WorkerContext>, msg: Message) {
+///
+/// Without a rate limit, a worker that finished its message takes the next ready one
+/// with the slot it already holds (under the same lock as the completion), instead of
+/// waking the dispatcher to spawn a new task: the in-flight limit, the ordering rule
+/// and the stop flag are checked exactly as the dispatcher checks them.
+pub async fn work(ctx: Arc<WorkerContext>, mut msg: Message) {
+    loop {
+        if !finish(&ctx, &msg).await {
+            ctx.shared.abandon(&msg);
+            return;
+        }
+        if !ctx.limiter.is_unlimited() {
+            ctx.shared.complete(&msg);
+            return;
+        }
+        match ctx.shared.complete_and_take_next(&msg) {
+            Some(next) => msg = next,
+            None => return,
+        }
+    }
+}
+
+/// Delivers `msg` (retries, dead letter) until it is finished (`true`: acked or
+/// dead-lettered) or should be given up (`false`: revoked or stopping).
+async fn finish(ctx: &WorkerContext, msg: &Message) -> bool {
     let m = &ctx.shared.metrics;
     let mut attempt: u32 = 1;
     let mut tries: u32 = 0;
     loop {
         tries = tries.saturating_add(1);
         let started = Instant::now();
-        let result = match tokio::time::timeout(ctx.timeout, ctx.sink.deliver(&msg)).await {
+        let result = match tokio::time::timeout(ctx.timeout, ctx.sink.deliver(msg)).await {
             Ok(r) => r,
             Err(_) => Attempt::Timeout,
         };
@@ -566,17 +631,15 @@ pub async fn work(ctx: Arc<WorkerContext>, msg: Message) {
                 if counts {
                     attempt = attempt.saturating_add(1);
                 }
-                if !sleep_unless_given_up(&ctx.shared, &msg, after).await {
-                    ctx.shared.abandon(&msg);
-                    return;
+                if !sleep_unless_given_up(&ctx.shared, msg, after).await {
+                    return false;
                 }
                 // A retry is another call to the service: it needs a permit too.
                 ctx.limiter.acquire().await;
             }
             Decision::DeadLetter { error } => {
-                if !dead_letter(&ctx, &msg, &error, tries).await {
-                    ctx.shared.abandon(&msg);
-                    return;
+                if !dead_letter(ctx, msg, &error, tries).await {
+                    return false;
                 }
                 m.dead_lettered.inc();
                 m.outcome("dead_lettered");
@@ -584,7 +647,7 @@ pub async fn work(ctx: Arc<WorkerContext>, msg: Message) {
             }
         }
     }
-    ctx.shared.complete(&msg);
+    true
 }
 
 /// Sleeps `after` in short steps, returning `false` as soon as the message should be
