@@ -136,12 +136,12 @@ impl Sink {
                 url,
                 source,
             } => {
-                let body = msg.payload.clone().unwrap_or_default();
-                let req = client
-                    .post(url.clone())
-                    .headers(http_headers(msg, source))
-                    .body(body);
-                match req.send().await {
+                // Built directly rather than through a RequestBuilder, whose `headers`
+                // re-inserts every header into a second map.
+                let mut req = reqwest::Request::new(reqwest::Method::POST, url.clone());
+                *req.headers_mut() = http_headers(msg, source);
+                *req.body_mut() = Some(msg.payload.clone().unwrap_or_default().into());
+                match client.execute(req).await {
                     Ok(resp) => {
                         let code = resp.status().as_u16();
                         let retry_after = resp
@@ -247,6 +247,7 @@ pub fn http_headers(msg: &Message, source: &HeaderValue) -> HeaderMap {
     static KAFKA_TOPIC: HeaderName = HeaderName::from_static("kafka-topic");
     static KAFKA_PARTITION: HeaderName = HeaderName::from_static("kafka-partition");
     static KAFKA_OFFSET: HeaderName = HeaderName::from_static("kafka-offset");
+    static KAFKA_KEY: HeaderName = HeaderName::from_static("kafka-key");
     let mut h = HeaderMap::with_capacity(10 + msg.headers.len());
     h.insert(CE_SPECVERSION.clone(), HeaderValue::from_static("1.0"));
     h.insert(CE_SOURCE.clone(), source.clone());
@@ -254,34 +255,32 @@ pub fn http_headers(msg: &Message, source: &HeaderValue) -> HeaderMap {
     h.insert(KAFKA_PARTITION.clone(), HeaderValue::from(msg.tp.partition));
     h.insert(KAFKA_OFFSET.clone(), HeaderValue::from(msg.offset));
     if let Some(ms) = msg.timestamp_ms {
-        if let Ok(v) = HeaderValue::from_str(&rfc3339_millis(ms)) {
+        if let Some(v) = cached_time(ms) {
             h.insert(CE_TIME.clone(), v);
         }
+    }
+    // Topic names are printable ASCII (Kafka's own rule), so these never fall back.
+    let mut id = String::with_capacity(msg.tp.topic.len() + 24);
+    {
+        use std::fmt::Write as _;
+        let _ = write!(id, "{}-{}-{}", msg.tp.topic, msg.tp.partition, msg.offset);
+    }
+    put_value(&mut h, &CE_ID, id.as_bytes());
+    match cached_topic(&msg.tp.topic) {
+        Some(v) => {
+            h.insert(KAFKA_TOPIC.clone(), v);
+        }
+        None => put_value(&mut h, &KAFKA_TOPIC, msg.tp.topic.as_bytes()),
+    }
+    if let Some(k) = &msg.key {
+        put_value(&mut h, &KAFKA_KEY, k);
     }
     let mut put = |name: &str, value: &[u8]| {
         let Ok(name_ok) = HeaderName::from_bytes(name.as_bytes()) else {
             return;
         };
-        if value.iter().all(|b| (0x20..0x7f).contains(b)) {
-            if let Ok(v) = HeaderValue::from_bytes(value) {
-                h.append(name_ok, v);
-                return;
-            }
-        }
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(format!("{name}-b64").as_bytes()),
-            HeaderValue::from_str(&base64(value)),
-        ) {
-            h.append(n, v);
-        }
+        put_value(&mut h, &name_ok, value);
     };
-    let id = format!("{}-{}-{}", msg.tp.topic, msg.tp.partition, msg.offset);
-    // Topic names are printable ASCII (Kafka's own rule), so these never fall back.
-    put(CE_ID.as_str(), id.as_bytes());
-    put(KAFKA_TOPIC.as_str(), msg.tp.topic.as_bytes());
-    if let Some(k) = &msg.key {
-        put("kafka-key", k);
-    }
     let mut content_type = false;
     for (k, v) in &msg.headers {
         let lower = k.to_ascii_lowercase();
@@ -302,6 +301,65 @@ pub fn http_headers(msg: &Message, source: &HeaderValue) -> HeaderMap {
         );
     }
     h
+}
+
+/// Appends `value` under `name`, or base64-encoded under `{name}-b64` when it is not
+/// printable ASCII.
+fn put_value(h: &mut HeaderMap, name: &HeaderName, value: &[u8]) {
+    if value.iter().all(|b| (0x20..0x7f).contains(b)) {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            h.append(name.clone(), v);
+            return;
+        }
+    }
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::from_bytes(format!("{name}-b64").as_bytes()),
+        HeaderValue::from_str(&base64(value)),
+    ) {
+        h.append(n, v);
+    }
+}
+
+thread_local! {
+    /// The last `ce-time` built on this thread: records of one batch mostly share a
+    /// millisecond, and formatting a date is the costliest header.
+    static LAST_TIME: std::cell::RefCell<Option<(i64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+    /// The last `kafka-topic` value built on this thread, by topic name.
+    static LAST_TOPIC: std::cell::RefCell<Option<(std::sync::Arc<str>, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn cached_time(ms: i64) -> Option<HeaderValue> {
+    LAST_TIME.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((t, v)) = c.as_ref() {
+            if *t == ms {
+                return Some(v.clone());
+            }
+        }
+        let v = HeaderValue::from_str(&rfc3339_millis(ms)).ok()?;
+        *c = Some((ms, v.clone()));
+        Some(v)
+    })
+}
+
+/// `None` when the topic is not a valid header value as is (never for a Kafka topic).
+fn cached_topic(topic: &std::sync::Arc<str>) -> Option<HeaderValue> {
+    LAST_TOPIC.with(|c| {
+        let mut c = c.borrow_mut();
+        if let Some((t, v)) = c.as_ref() {
+            if t == topic {
+                return Some(v.clone());
+            }
+        }
+        if !topic.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return None;
+        }
+        let v = HeaderValue::from_str(topic).ok()?;
+        *c = Some((topic.clone(), v.clone()));
+        Some(v)
+    })
 }
 
 /// Standard base64 with padding (RFC 4648); small enough not to need a crate.
