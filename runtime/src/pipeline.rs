@@ -128,8 +128,9 @@ pub struct Shared {
     pub idle: Condvar,
     /// Wakes the dispatcher: a message arrived, a key or slot freed, the lease changed.
     pub wake: Notify,
-    /// Signalled when the dispatcher takes from a full buffer (the Kafka thread waits
-    /// on it instead of polling for messages it has no room for).
+    /// Signalled when the buffer drains below its refill mark (the Kafka thread waits
+    /// on it after the buffer was full, instead of polling for messages it has no room
+    /// for, or for one message per freed slot).
     pub room: Condvar,
     /// Signalled (to all waiters) when the replica starts stopping.
     pub stopped: Notify,
@@ -229,14 +230,14 @@ impl Shared {
         let limit = self.in_flight_limit.load(AtomicOrdering::Relaxed);
         let mut next = None;
         if !core.stopping && core.in_flight_total < limit {
-            let was_full = core.buffer.is_full();
+            let was_above = !core.buffer.below_refill_mark();
             if let Some(m) = core.buffer.pop_ready() {
                 core.in_flight_total += 1;
                 *core
                     .in_flight
                     .entry((m.tp.clone(), m.generation))
                     .or_default() += 1;
-                if was_full {
+                if was_above && core.buffer.below_refill_mark() {
                     self.room.notify_one();
                 }
                 next = Some(m);
@@ -448,7 +449,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                     return;
                 }
                 let limit = shared.in_flight_limit.load(AtomicOrdering::Relaxed);
-                let was_full = core.buffer.is_full();
+                let was_above = !core.buffer.below_refill_mark();
                 let mut batch = Vec::new();
                 let slots = limit.saturating_sub(core.in_flight_total) as usize;
                 core.buffer
@@ -462,7 +463,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 }
                 if !batch.is_empty() {
                     shared.update_gauges(&core);
-                    if was_full {
+                    if was_above && core.buffer.below_refill_mark() {
                         shared.room.notify_one();
                     }
                 }
@@ -498,10 +499,10 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 if core.stopping {
                     return;
                 }
-                let was_full = core.buffer.is_full();
+                let was_above = !core.buffer.below_refill_mark();
                 if let Some(m) = core.buffer.pop_ready() {
                     shared.update_gauges(&core);
-                    if was_full {
+                    if was_above && core.buffer.below_refill_mark() {
                         shared.room.notify_one();
                     }
                     break m;

@@ -265,6 +265,9 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
     let mut last_store = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
     let mut full_since: Option<Instant> = None;
+    // Set when the buffer is full, cleared at the refill mark: no polling for messages
+    // in between.
+    let mut holding = false;
     loop {
         let p = phase.load(AtomicOrdering::Relaxed);
         if p == CLOSING {
@@ -279,18 +282,23 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         // PAUSE_AFTER pauses the partitions, because every pause/resume cycle discards
         // librdkafka's prefetch and costs a fetch round trip (pausing at once capped a
         // null sink at ~1,200 msg/s in the debug build).
-        let (full, low, room) = {
+        let (full, low, refill, room) = {
             let core = shared.lock();
             (
                 core.buffer.is_full(),
                 core.buffer.below_low_water(),
+                core.buffer.below_refill_mark(),
                 core.buffer.room(),
             )
         };
         if full {
             full_since.get_or_insert_with(Instant::now);
+            holding = true;
         } else {
             full_since = None;
+        }
+        if refill {
+            holding = false;
         }
         let stalled = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
         let changed = consumer
@@ -305,11 +313,12 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
             set_paused(&consumer, &shared, false);
             paused = false;
         }
-        if full && !paused {
-            // Wait for room without taking messages (the dispatcher signals `room`);
+        if holding && !paused {
+            // After the buffer was full, wait until it drained to the refill mark
+            // without taking messages (the dispatcher and workers signal `room`);
             // rebalance callbacks wait at most FULL_WAIT.
             let core = shared.lock();
-            if core.buffer.is_full() {
+            if !core.buffer.below_refill_mark() {
                 let _ = shared.room.wait_timeout(core, FULL_WAIT);
             }
             continue;
