@@ -265,6 +265,8 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
     let mut last_store = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
     let mut full_since: Option<Instant> = None;
+    // Reused across polls (one allocation, not one per poll batch).
+    let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     // Set when the buffer is full, cleared at the refill mark: no polling for messages
     // in between.
     let mut holding = false;
@@ -327,7 +329,7 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         // Poll a batch: the first poll waits, the rest take what is already fetched.
         let limit = room.clamp(1, MAX_BATCH);
         let mut timeout = POLL_TIMEOUT;
-        let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(limit);
+        borrowed.clear();
         while borrowed.len() < limit {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => borrowed.push(m),
@@ -341,7 +343,8 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
             timeout = Duration::ZERO;
         }
         owned_batch(&borrowed, &mut topics, &mut batch);
-        drop(borrowed);
+        // Released to librdkafka before the buffer lock is taken.
+        borrowed.clear();
         if batch.is_empty() {
             continue;
         }
@@ -401,6 +404,7 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
             }
         }
     }
+    drop(borrowed);
     // Dropping closes the consumer: it leaves the group (so others take over at once),
     // serving the final revoke callback on the way.
     drop(consumer);
@@ -506,11 +510,12 @@ fn owned_batch(
 
 /// Everything but the key and value (see [`owned_batch`]).
 fn owned(m: &BorrowedMessage<'_>, topics: &mut FxHashMap<String, Arc<str>>) -> Message {
-    let topic = match topics.get(m.topic()) {
+    let name = m.topic();
+    let topic = match topics.get(name) {
         Some(t) => t.clone(),
         None => {
-            let t: Arc<str> = Arc::from(m.topic());
-            topics.insert(m.topic().to_string(), t.clone());
+            let t: Arc<str> = Arc::from(name);
+            topics.insert(name.to_string(), t.clone());
             t
         }
     };
