@@ -35,6 +35,13 @@ impl Server {
         }
     }
 
+    /// Started and past its learning window, so grants are ordinary.
+    async fn ready(config: BudgetConfig) -> Self {
+        let s = Self::start(config).await;
+        past_learning(&s).await;
+        s
+    }
+
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         let _ = self.task.await;
@@ -108,8 +115,7 @@ async fn past_learning(s: &Server) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_joining_leaving_and_crashing_never_hold_more_than_the_budget() {
     let cap = Share::new(100.0, 10);
-    let s = Server::start(config(cap.rate, cap.in_flight, Policy::Demand, 3)).await;
-    past_learning(&s).await;
+    let s = Server::ready(config(cap.rate, cap.in_flight, Policy::Demand, 3)).await;
 
     // (member, joins after ms, leaves after ms, crashes instead of releasing)
     let plan = [
@@ -173,8 +179,7 @@ async fn concurrent_clients_joining_leaving_and_crashing_never_hold_more_than_th
 
 #[tokio::test]
 async fn a_live_budget_change_reaches_clients_within_a_refresh() {
-    let s = Server::start(config(100.0, 10, Policy::Equal, 2)).await;
-    past_learning(&s).await;
+    let s = Server::ready(config(100.0, 10, Policy::Equal, 2)).await;
     let a = client::spawn(client_config(&s.url, "a"), busy());
     let b = client::spawn(client_config(&s.url, "b"), busy());
     await_lease(&a, Duration::from_secs(2), |l| {
@@ -207,8 +212,7 @@ async fn a_live_budget_change_reaches_clients_within_a_refresh() {
 
 #[tokio::test]
 async fn a_client_falls_back_when_the_coordinator_is_gone_then_stops_after_the_window() {
-    let s = Server::start(config(100.0, 10, Policy::Equal, 4)).await;
-    past_learning(&s).await;
+    let s = Server::ready(config(100.0, 10, Policy::Equal, 4)).await;
     let a = client::spawn(client_config(&s.url, "a"), busy());
     let l = await_lease(&a, Duration::from_secs(2), |l| {
         l.source == LeaseSource::Granted
