@@ -10,6 +10,7 @@
 //! Guarantee: in any window of length `W`, at most `floor(W * rate) + burst` permits are
 //! granted (for `W * rate` whole), across any number of re-rates.
 
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -149,6 +150,9 @@ pub struct RateLimiter {
     origin: Instant,
     gcra: Mutex<Gcra>,
     changed: Notify,
+    /// Whether the rate is infinite, readable without the mutex (workers check it per
+    /// message); written under the mutex by [`Self::set_rate`].
+    unlimited: AtomicBool,
 }
 
 impl RateLimiter {
@@ -157,6 +161,7 @@ impl RateLimiter {
             origin: Instant::now(),
             gcra: Mutex::new(Gcra::new(rate, burst, Duration::ZERO)),
             changed: Notify::new(),
+            unlimited: AtomicBool::new(rate.is_infinite()),
         }
     }
 
@@ -166,10 +171,11 @@ impl RateLimiter {
 
     pub fn set_rate(&self, rate: f64) {
         let now = self.now();
-        self.gcra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_rate(rate, now);
+        let mut gcra = self.gcra.lock().unwrap_or_else(|e| e.into_inner());
+        gcra.set_rate(rate, now);
+        self.unlimited
+            .store(gcra.rate().is_infinite(), AtomicOrdering::Relaxed);
+        drop(gcra);
         self.changed.notify_waiters();
     }
 
@@ -179,7 +185,7 @@ impl RateLimiter {
 
     /// No rate limit at all (`--rate unlimited`): callers may skip [`Self::acquire`].
     pub fn is_unlimited(&self) -> bool {
-        self.rate().is_infinite()
+        self.unlimited.load(AtomicOrdering::Relaxed)
     }
 
     /// Waits for one permit.
