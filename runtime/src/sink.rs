@@ -92,6 +92,10 @@ impl Sink {
         Ok(match spec {
             SinkSpec::Http(url) => Sink::Http {
                 client: reqwest::Client::builder()
+                    // A redirect is the handler's answer, not an instruction: following
+                    // a 301/302/303 would turn the POST into a bodiless GET whose 2xx
+                    // would count the message as delivered. 3xx is classified instead.
+                    .redirect(reqwest::redirect::Policy::none())
                     .pool_max_idle_per_host(max_in_flight_hint.max(16))
                     .tcp_nodelay(true)
                     .build()

@@ -203,6 +203,36 @@ async fn a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed_but_dead_lettered_as_a_permanent_failure() {
+    let kafka = Kafka::new();
+    kafka.topic("moved", 1);
+    kafka.topic("moved-dlq", 1);
+    kafka.produce("moved", 1, 0..3, 20, |_| None);
+    // Following a 302 would turn the POST into a bodiless GET that `/moved` answers with
+    // 200, and the message would count as delivered without the handler seeing it.
+    let sink = TestSink::start(Arc::new(|_| Reply {
+        status: 302,
+        ..Reply::OK
+    }))
+    .await;
+    let mut c = config(
+        &kafka.bootstrap,
+        "moved",
+        "g-moved",
+        SinkSpec::Http(sink.url()),
+    );
+    c.dead_letter_topic = Some("moved-dlq".into());
+    let r = InProcess::start(c).await;
+    let dlq = kafka.read_all("moved-dlq", 3, Duration::from_secs(20));
+    r.stop().await;
+    assert_eq!(dlq.len(), 3);
+    for (_, headers) in &dlq {
+        assert_eq!(headers["pacer-error"], "HTTP 302");
+    }
+    assert_eq!(sink.state.requests(), 3, "each redirect is tried once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() {
     let kafka = Kafka::new();
     kafka.topic("busy", 1);

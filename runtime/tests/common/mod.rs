@@ -217,8 +217,11 @@ impl TestSink {
             attempts: Mutex::new(HashMap::new()),
             behaviour,
         });
+        // `/moved` answers any GET with 200: a client that followed a redirect (turning
+        // the POST into a bodiless GET) would count a message as delivered there.
         let app = Router::new()
             .route("/", post(handle))
+            .route("/moved", axum::routing::get(|| async { StatusCode::OK }))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -297,6 +300,7 @@ async fn handle(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes
     let status = StatusCode::from_u16(reply.status).unwrap();
     match reply.retry_after {
         Some(secs) => (status, [("retry-after", secs.to_string())]).into_response(),
+        None if status.is_redirection() => (status, [("location", "/moved")]).into_response(),
         None => status.into_response(),
     }
 }
