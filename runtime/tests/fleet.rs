@@ -28,6 +28,47 @@ fn rate_between(sink: &TestSink, from: Instant, secs: u64) -> f64 {
     n as f64 / secs as f64
 }
 
+/// A `pacer coordinator` child serving one budget (`default/NAME`) from a file in a
+/// fresh temporary folder, with the token file the replicas read.
+struct Coordinator {
+    dir: std::path::PathBuf,
+    budgets: std::path::PathBuf,
+    token: std::path::PathBuf,
+    port: u16,
+    process: Pacer,
+}
+
+impl Coordinator {
+    fn start(folder: &str, name: &str, expected: u32) -> Coordinator {
+        let dir = std::env::temp_dir().join(format!("pacer-{folder}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let budgets = dir.join("budgets.yaml");
+        write(
+            &budgets,
+            &format!(
+                "budgets:\n  - namespace: default\n    name: {name}\n    messagesPerSecond: {BUDGET}\n    maxInFlight: 6\n    policy: demand\n    leaseSeconds: 2\n    refreshMillis: 200\n    expectedMembers: {expected}\n    token: {TOKEN}\n"
+            ),
+        );
+        let token = dir.join("token");
+        write(&token, TOKEN);
+        let port = free_port();
+        let process = Pacer::spawn(&[
+            "coordinator".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--budgets".into(),
+            budgets.display().to_string(),
+        ]);
+        Coordinator {
+            dir,
+            budgets,
+            token,
+            port,
+            process,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_and_a_coordinator_crash(
 ) {
@@ -36,25 +77,13 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     kafka.produce("fleet", 6, 0..3000, 50, |_| None);
     let sink = TestSink::ok().await;
 
-    let dir = std::env::temp_dir().join(format!("pacer-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let budgets = dir.join("budgets.yaml");
-    write(
-        &budgets,
-        &format!(
-            "budgets:\n  - namespace: default\n    name: fleet\n    messagesPerSecond: {BUDGET}\n    maxInFlight: 6\n    policy: demand\n    leaseSeconds: 2\n    refreshMillis: 200\n    expectedMembers: 3\n    token: {TOKEN}\n"
-        ),
-    );
-    let token = dir.join("token");
-    write(&token, TOKEN);
-    let port = free_port();
-    let coordinator = Pacer::spawn(&[
-        "coordinator".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--budgets".into(),
-        budgets.display().to_string(),
-    ]);
+    let Coordinator {
+        dir,
+        budgets,
+        token,
+        port,
+        process: coordinator,
+    } = Coordinator::start("fleet", "fleet", 3);
 
     let admin_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let replica = |i: usize| {
@@ -247,25 +276,13 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
     kafka.topic("skew", 2);
     kafka.produce("skew", 1, 0..2000, 50, |_| None);
     let sink = TestSink::ok().await;
-    let dir = std::env::temp_dir().join(format!("pacer-skew-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let budgets = dir.join("budgets.yaml");
-    write(
-        &budgets,
-        &format!(
-            "budgets:\n  - namespace: default\n    name: skew\n    messagesPerSecond: {BUDGET}\n    maxInFlight: 6\n    policy: demand\n    leaseSeconds: 2\n    refreshMillis: 200\n    expectedMembers: 2\n    token: {TOKEN}\n"
-        ),
-    );
-    let token = dir.join("token");
-    write(&token, TOKEN);
-    let port = free_port();
-    let _coordinator = Pacer::spawn(&[
-        "coordinator".into(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--budgets".into(),
-        budgets.display().to_string(),
-    ]);
+    let Coordinator {
+        dir,
+        token,
+        port,
+        process: _coordinator,
+        ..
+    } = Coordinator::start("skew", "skew", 2);
     let replicas: Vec<Pacer> = (0..2)
         .map(|i| {
             let mut args: Vec<String> = [
