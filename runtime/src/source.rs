@@ -40,6 +40,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const MAX_BATCH: usize = 512;
 /// How long shutdown keeps retrying a commit refused during a group rebalance.
 const CLOSE_COMMIT_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest wait for the Kafka thread to commit and close on shutdown: the commit
+/// retries plus librdkafka's own close (leave group, final revoke) with room to spare.
+const CLOSE_WAIT: Duration = Duration::from_secs(CLOSE_COMMIT_DEADLINE.as_secs() + 10);
 /// How long the buffer must stay full before its partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_millis(250);
 /// Sleep between checks while the buffer is full and not yet paused.
@@ -215,11 +218,26 @@ impl Source {
         self.phase.store(DRAINING, AtomicOrdering::Relaxed);
     }
 
-    /// Commits what is complete, leaves the group and ends the thread (blocking).
+    /// Commits what is complete, leaves the group and ends the thread (blocking, for
+    /// at most [`CLOSE_WAIT`]). librdkafka's close can block for as long as the group
+    /// coordinator is unreachable (seen with the broker gone mid-shutdown); shutdown
+    /// must stay bounded, so past the deadline the thread is left to finish on its own
+    /// (the process exits over it) and what it did not commit is re-delivered.
     pub fn close(mut self) {
         self.phase.store(CLOSING, AtomicOrdering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = Instant::now() + CLOSE_WAIT;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                warn!(
+                    waited = ?CLOSE_WAIT,
+                    "Kafka consumer did not close in time; leaving without a clean group leave"
+                );
+            }
         }
     }
 }
