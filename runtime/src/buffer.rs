@@ -41,6 +41,10 @@ pub struct Buffer {
     cursor: usize,
     busy_keys: HashMap<(Arc<str>, Bytes), Holder>,
     busy_partitions: HashSet<TopicPartition>,
+    /// Highest offset popped per partition since it was last dropped. At shutdown the
+    /// buffered messages below it are the gaps holding back the partition's commit
+    /// (with `key` ordering a later message can go before an earlier one).
+    popped: HashMap<TopicPartition, i64>,
     len: usize,
     bytes: usize,
     max_messages: usize,
@@ -56,6 +60,7 @@ impl Buffer {
             cursor: 0,
             busy_keys: HashMap::default(),
             busy_partitions: HashSet::default(),
+            popped: HashMap::default(),
             len: 0,
             bytes: 0,
             max_messages,
@@ -169,6 +174,9 @@ impl Buffer {
                     self.bytes -= m.size();
                     out.push(m);
                 }
+                if let Some(last) = out.last() {
+                    note_popped(&mut self.popped, &last.tp, last.offset);
+                }
                 self.cursor = (i + 1) % n;
             }
         }
@@ -198,6 +206,7 @@ impl Buffer {
             self.cursor = (i + 1) % n;
             self.len -= 1;
             self.bytes -= msg.size();
+            note_popped(&mut self.popped, &msg.tp, msg.offset);
             match self.ordering {
                 Ordering::None => {}
                 Ordering::Partition => {
@@ -246,6 +255,7 @@ impl Buffer {
     /// again by the partition's next owner.
     pub fn drop_partition(&mut self, tp: &TopicPartition) -> usize {
         self.busy_partitions.remove(tp);
+        self.popped.remove(tp);
         self.busy_keys.retain(|_, (htp, _)| htp != tp);
         let Some(queue) = self.queues.remove(tp) else {
             return 0;
@@ -258,10 +268,37 @@ impl Buffer {
         dropped
     }
 
-    /// Drops everything (shutdown).
+    /// Drops everything (end of shutdown).
     pub fn clear(&mut self) -> usize {
         let tps: Vec<_> = self.order.clone();
         tps.iter().map(|tp| self.drop_partition(tp)).sum()
+    }
+
+    /// Start of shutdown: keeps only the gaps, the messages below the highest offset
+    /// already popped from their partition (their completion lets the partition's
+    /// commit reach what was already processed, so the next owner re-delivers
+    /// nothing), and drops the rest, which the next owner fetches again. Returns how
+    /// many were kept and dropped.
+    pub fn retain_gaps(&mut self) -> (usize, usize) {
+        let mut dropped = 0;
+        for (tp, queue) in &mut self.queues {
+            let limit = self.popped.get(tp).copied().unwrap_or(i64::MIN);
+            while let Some(m) = queue.pop_back_if(|m| m.offset > limit) {
+                self.len -= 1;
+                self.bytes -= m.size();
+                dropped += 1;
+            }
+        }
+        (self.len, dropped)
+    }
+}
+
+fn note_popped(popped: &mut HashMap<TopicPartition, i64>, tp: &TopicPartition, offset: i64) {
+    match popped.get_mut(tp) {
+        Some(o) => *o = (*o).max(offset),
+        None => {
+            popped.insert(tp.clone(), offset);
+        }
     }
 }
 
@@ -313,6 +350,53 @@ mod tests {
         assert!(b.pop_ready().is_none());
         b.release(&first.tp, None, first.offset);
         assert_eq!(b.pop_ready().unwrap().offset, 1);
+    }
+
+    #[test]
+    fn shutdown_keeps_only_the_gaps_below_what_was_popped() {
+        let mut b = Buffer::new(Ordering::Key, 100, 1 << 20);
+        for (o, k) in [(0, "a"), (1, "a"), (2, "b"), (3, "c")] {
+            b.push(msg(0, o, Some(k)));
+        }
+        for o in 0..3 {
+            b.push(msg(1, o, None));
+        }
+        b.push(msg(2, 7, None));
+        let first = b.pop_ready().unwrap();
+        assert_eq!((first.tp.partition, first.offset), (0, 0));
+        // Key "a" is busy, so offset 2 (key "b") goes before offset 1.
+        let second = b.pop_ready().unwrap();
+        assert_eq!((second.tp.partition, second.offset), (1, 0));
+        let third = b.pop_ready().unwrap();
+        assert_eq!((third.tp.partition, third.offset), (2, 7));
+        let fourth = b.pop_ready().unwrap();
+        assert_eq!((fourth.tp.partition, fourth.offset), (0, 2));
+        // Partition 0: offset 1 lies below the popped 2 (kept), 3 above it (dropped).
+        // Partition 1: 1 and 2 lie above the popped 0 (dropped). Partition 2: empty.
+        assert_eq!(b.retain_gaps(), (1, 3));
+        assert_eq!((b.len(), b.bytes()), (1, 2), "one message: key a + value v");
+        assert!(b.pop_ready().is_none(), "offset 1 still waits for key a");
+        b.release(&first.tp, first.key.as_ref(), first.offset);
+        let gap = b.pop_ready().unwrap();
+        assert_eq!((gap.tp.partition, gap.offset), (0, 1));
+        assert!(b.is_empty());
+    }
+
+    #[test]
+    fn shutdown_drops_a_partition_nothing_was_popped_from() {
+        let mut b = Buffer::new(Ordering::None, 100, 1 << 20);
+        for o in 0..4 {
+            b.push(msg(0, o, None));
+        }
+        let mut out = Vec::new();
+        b.pop_batch(2, &mut out);
+        b.drop_partition(&TopicPartition::new("t", 0));
+        for o in 10..12 {
+            b.push(msg(0, o, None));
+        }
+        // The reassigned partition starts clean: nothing of it was popped.
+        assert_eq!(b.retain_gaps(), (0, 2));
+        assert!(b.is_empty());
     }
 
     #[test]

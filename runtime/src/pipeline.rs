@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
-use tracing::{trace, warn};
+use tracing::{debug, trace, warn};
 
 use crate::buffer::Buffer;
 use crate::config::{Ordering, RetryPolicy};
@@ -46,8 +46,12 @@ pub struct Core {
     /// Committable offsets not yet stored in the consumer (the Kafka thread stores them).
     pub to_store: HashMap<TopicPartition, i64>,
     next_generation: u64,
-    /// Set at shutdown: nothing more is dispatched.
+    /// Set at shutdown: nothing more is fetched; only the gaps left in the buffer (see
+    /// [`Buffer::retain_gaps`]) are still dispatched, and in-flight work goes on.
     pub stopping: bool,
+    /// Set when the shutdown grace is over: nothing more is dispatched and workers give
+    /// up (their offsets stay uncommitted).
+    pub halted: bool,
     /// Largest buffer depth seen (for tests and the back-pressure benchmark).
     pub max_depth: usize,
 }
@@ -132,8 +136,8 @@ pub struct Shared {
     /// on it after the buffer was full, instead of polling for messages it has no room
     /// for, or for one message per freed slot).
     pub room: Condvar,
-    /// Signalled (to all waiters) when the replica starts stopping.
-    pub stopped: Notify,
+    /// Signalled (to all waiters) when the shutdown grace is over.
+    pub halted: Notify,
     /// Current in-flight limit from the lease.
     pub in_flight_limit: AtomicU32,
     pub metrics: Arc<Metrics>,
@@ -159,12 +163,13 @@ impl Shared {
                 to_store: HashMap::default(),
                 next_generation: 0,
                 stopping: false,
+                halted: false,
                 max_depth: 0,
             }),
             idle: Condvar::new(),
             room: Condvar::new(),
             wake: Notify::new(),
-            stopped: Notify::new(),
+            halted: Notify::new(),
             in_flight_limit: AtomicU32::new(0),
             metrics: Arc::new(Metrics::new()),
             arrivals: AtomicU64::new(0),
@@ -216,7 +221,7 @@ impl Shared {
 
     /// [`Shared::complete`], then, under the same lock, the next message allowed by
     /// the ordering rule if the in-flight limit still has room for it (the caller's
-    /// slot was just freed) and the replica is not stopping; the message counts as in
+    /// slot was just freed) and the replica is not halted; the message counts as in
     /// flight like one the dispatcher handed out. The dispatcher is woken only when
     /// there may be work left for it.
     pub fn complete_and_take_next(&self, msg: &Message) -> Option<Message> {
@@ -229,7 +234,7 @@ impl Shared {
         let emptied = Self::release_slot(&mut core, msg);
         let limit = self.in_flight_limit.load(AtomicOrdering::Relaxed);
         let mut next = None;
-        if !core.stopping && core.in_flight_total < limit {
+        if !core.halted && core.in_flight_total < limit {
             let was_above = !core.buffer.below_refill_mark();
             if let Some(m) = core.buffer.pop_ready() {
                 core.in_flight_total += 1;
@@ -256,7 +261,7 @@ impl Shared {
     }
 
     /// A worker gave up on `msg` without finishing it (its partition was revoked or
-    /// the replica is stopping): the offset stays where it is.
+    /// the shutdown grace is over): the offset stays where it is.
     pub fn abandon(&self, msg: &Message) {
         let mut core = self.lock();
         self.metrics.outcome("abandoned");
@@ -315,7 +320,7 @@ impl Shared {
 
     fn should_give_up(&self, msg: &Message) -> bool {
         let core = self.lock();
-        core.stopping || !core.is_current(msg)
+        core.halted || !core.is_current(msg)
     }
 
     /// Revokes `tps`: drops their buffered messages, waits up to `deadline` for their
@@ -371,24 +376,44 @@ impl Shared {
         commit
     }
 
-    /// Stops dispatching and drops the buffer (shutdown). Buffered messages are not
-    /// committed, so the group's next owner fetches them again.
-    pub fn stop(&self) {
+    /// Start of shutdown (the source has stopped fetching): drops the buffered
+    /// messages above the highest offset dispatched from their partition, which the
+    /// group's next owner fetches again, and keeps the gaps below it for the
+    /// dispatcher, so that once they and the in-flight work finish, every partition's
+    /// commit covers everything processed and nothing is delivered twice. Returns how
+    /// many buffered messages were kept.
+    pub fn stop(&self) -> usize {
         let mut core = self.lock();
         core.stopping = true;
-        core.buffer.clear();
+        let (kept, dropped) = core.buffer.retain_gaps();
         self.update_gauges(&core);
         drop(core);
-        self.stopped.notify_waiters();
+        debug!(kept, dropped, "Stopping: buffered gaps kept, the rest dropped");
         self.wake.notify_one();
+        kept
     }
 
-    /// Waits (async) until nothing is in flight or `grace` passed; returns what is left.
+    /// Waits (async) until nothing is in flight and no gap is left in the buffer, or
+    /// `grace` passed; then halts (the dispatcher ends, workers give up, the buffer is
+    /// dropped). Returns the messages that were in flight at the halt.
     pub async fn drain(&self, grace: Duration) -> u32 {
         let until = tokio::time::Instant::now() + grace;
         loop {
-            let left = self.lock().in_flight_total;
-            if left == 0 || tokio::time::Instant::now() >= until {
+            let left = {
+                let mut core = self.lock();
+                let done = core.in_flight_total == 0 && core.buffer.is_empty();
+                if done || tokio::time::Instant::now() >= until {
+                    core.halted = true;
+                    core.buffer.clear();
+                    self.update_gauges(&core);
+                    Some(core.in_flight_total)
+                } else {
+                    None
+                }
+            };
+            if let Some(left) = left {
+                self.halted.notify_waiters();
+                self.wake.notify_one();
                 return left;
             }
             // Short poll: shutdown is rare and this keeps the completion path free of an
@@ -445,7 +470,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
             woken.as_mut().enable();
             let batch = {
                 let mut core = shared.lock();
-                if core.stopping {
+                if core.halted || (core.stopping && core.buffer.is_empty()) {
                     return;
                 }
                 let limit = shared.in_flight_limit.load(AtomicOrdering::Relaxed);
@@ -496,7 +521,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
             woken.as_mut().enable();
             {
                 let mut core = shared.lock();
-                if core.stopping {
+                if core.halted || (core.stopping && core.buffer.is_empty()) {
                     return;
                 }
                 let was_above = !core.buffer.below_refill_mark();
@@ -513,7 +538,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
         // 2. A rate permit (re-rated live by the lease follower).
         tokio::select! {
             _ = ctx.limiter.acquire() => {}
-            _ = stopped(&shared) => { shared.unpop(&msg); return; }
+            _ = halted(&shared) => { shared.unpop(&msg); return; }
         }
         // 3. An in-flight slot (resized live).
         loop {
@@ -522,7 +547,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
             woken.as_mut().enable();
             {
                 let mut core = shared.lock();
-                if core.stopping {
+                if core.halted {
                     drop(core);
                     shared.unpop(&msg);
                     return;
@@ -548,13 +573,13 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
     }
 }
 
-/// Resolves when the replica is stopping.
-async fn stopped(shared: &Shared) {
+/// Resolves when the shutdown grace is over.
+async fn halted(shared: &Shared) {
     loop {
-        let woken = shared.stopped.notified();
+        let woken = shared.halted.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        if shared.lock().stopping {
+        if shared.lock().halted {
             return;
         }
         woken.await;
@@ -586,7 +611,7 @@ pub async fn work(ctx: Arc<WorkerContext>, mut msg: Message) {
 }
 
 /// Delivers `msg` (retries, dead letter) until it is finished (`true`: acked or
-/// dead-lettered) or should be given up (`false`: revoked or stopping).
+/// dead-lettered) or should be given up (`false`: revoked or halted).
 async fn finish(ctx: &WorkerContext, msg: &Message) -> bool {
     let m = &ctx.shared.metrics;
     let mut attempt: u32 = 1;
