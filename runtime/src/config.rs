@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pacer_budget::client::ClientConfig;
 
 /// `pacer`: one replica of a globally throttled Kafka consumer fleet.
 #[derive(Debug, Parser)]
@@ -183,13 +184,7 @@ pub enum BudgetSource {
     /// Fixed limits; `rate` may be infinite (`--rate unlimited`).
     Standalone { rate: f64, in_flight: u32 },
     /// Leased from a coordinator.
-    Leased {
-        base_url: String,
-        namespace: String,
-        name: String,
-        token: String,
-        member: String,
-    },
+    Leased { client: ClientConfig },
 }
 
 /// Retry policy of the worker (see [`crate::outcome`]).
@@ -311,11 +306,13 @@ impl RunArgs {
                     .unwrap_or_default();
                 member_name(&member).map_err(|m| invalid("--member", m))?;
                 BudgetSource::Leased {
-                    base_url,
-                    namespace,
-                    name,
-                    token,
-                    member,
+                    client: ClientConfig {
+                        base_url,
+                        namespace,
+                        name,
+                        token,
+                        member,
+                    },
                 }
             }
         };
@@ -584,6 +581,37 @@ mod tests {
             }
         );
         assert_eq!(c.ordering, Ordering::None);
+    }
+
+    #[test]
+    fn a_coordinator_config_becomes_the_budget_clients_config_with_the_token_trimmed() {
+        let path = std::env::temp_dir().join(format!("pacer-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let c = run_args(&[
+            "--coordinator",
+            "http://c:8080/",
+            "--budget",
+            "ns/b",
+            "--token-file",
+            path.to_str().unwrap(),
+            "--member",
+            "pod-0",
+        ])
+        .unwrap()
+        .validate();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            c.unwrap().budget,
+            BudgetSource::Leased {
+                client: ClientConfig {
+                    base_url: "http://c:8080".into(),
+                    namespace: "ns".into(),
+                    name: "b".into(),
+                    token: "s3cret".into(),
+                    member: "pod-0".into(),
+                }
+            }
+        );
     }
 
     #[test]
