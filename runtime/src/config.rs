@@ -93,7 +93,9 @@ pub struct RunArgs {
     /// the assigned partitions are paused if the buffer stays full.
     #[arg(long, env = "PACER_BUFFER_MESSAGES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub buffer_messages: u32,
-    /// Most bytes (keys, values, headers) buffered ahead of the dispatcher, as above.
+    /// Most bytes (keys, values, headers) buffered ahead of the dispatcher, as above;
+    /// the message that reaches the bound is still taken, so it is exceeded by less than
+    /// one message.
     #[arg(long, env = "PACER_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 40)))]
     pub buffer_bytes: u64,
 

@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,4 +118,97 @@ async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_
         Some(N as f64),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes() {
+    const MSG: usize = 64 * 1024;
+    const BOUND: usize = 512 * 1024;
+    const N: usize = 40;
+    let kafka = Kafka::new();
+    kafka.topic("bytes", 2);
+    // Values only (no key, no headers), so each message is exactly MSG bytes.
+    kafka.produce("bytes", 2, 0..N, MSG, |_| None);
+    let sink = TestSink::ok().await;
+    sink.state.stalled.store(true, Ordering::SeqCst);
+    let mut c = config(
+        &kafka.bootstrap,
+        "bytes",
+        "g-bytes",
+        SinkSpec::Http(sink.url()),
+    );
+    c.budget = BudgetSource::Standalone {
+        rate: f64::INFINITY,
+        in_flight: 1,
+    };
+    c.buffer_messages = 1000;
+    c.buffer_bytes = BOUND;
+    // Longer than the stall: the held request must not time out and be retried.
+    c.timeout = Duration::from_secs(60);
+    let r = InProcess::start(c).await;
+    let m = r.handle.shared.metrics.clone();
+    let state = sink.state.clone();
+    // Sample the gauges every 5 ms from the start until 2 s after the sink holds a
+    // request and the buffer has something in it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut filling_since: Option<Instant> = None;
+    let (mut max_bytes, mut max_messages, mut samples) = (0i64, 0i64, 0u32);
+    while filling_since.is_none_or(|t| t.elapsed() < Duration::from_secs(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled sink got no request, or the buffer stayed empty, for 30 s"
+        );
+        let bytes = m.buffer_bytes.get();
+        max_bytes = max_bytes.max(bytes);
+        max_messages = max_messages.max(m.buffer_messages.get());
+        samples += 1;
+        if filling_since.is_none() && bytes > 0 && state.current.load(Ordering::SeqCst) == 1 {
+            filling_since = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let consumed = m.consumed.get() as usize;
+    let (buffered, in_flight) = (m.buffer_bytes.get() as usize, m.in_flight.get() as usize);
+    eprintln!(
+        "stalled, buffer_bytes {BOUND}: max {max_bytes} bytes / {max_messages} messages buffered over {samples} samples; at the end {buffered} bytes buffered, {in_flight} in flight, {consumed} of {N} fetched"
+    );
+    // The rule (source.rs): a poll batch ends once its bytes reach the room left, so
+    // the buffer goes over the bound by less than one message (with messages of
+    // exactly BOUND / 8 bytes: never over it).
+    assert!(
+        (max_bytes as usize) < BOUND + MSG,
+        "the buffer held {max_bytes} bytes ({max_messages} messages of {MSG}); the bound is {BOUND} plus less than one message"
+    );
+    // The same without sampling: nothing was delivered, so every fetched message is
+    // buffered or held by the sink.
+    assert_eq!(in_flight, 1);
+    assert_eq!(
+        consumed * MSG,
+        buffered + in_flight * MSG,
+        "fetched = buffered + held"
+    );
+    assert!(
+        consumed * MSG < BOUND + MSG + in_flight * MSG,
+        "{consumed} messages of {MSG} fetched for a buffer of {BOUND} and {in_flight} in flight"
+    );
+    // Fetching stopped at the byte bound, not at the end of the topic: after the buffer
+    // was full it takes messages again only below three quarters of the bound.
+    assert!(consumed < N, "all {N} messages were fetched");
+    assert!(
+        buffered > BOUND / 4 * 3,
+        "fetching stopped with only {buffered} of {BOUND} bytes buffered"
+    );
+
+    sink.state.stalled.store(false, Ordering::SeqCst);
+    wait_for(
+        &format!("{N} deliveries after the stall"),
+        Duration::from_secs(30),
+        || state.delivered_count() >= N,
+    )
+    .await;
+    r.stop().await;
+    let delivered = sink.state.delivered();
+    let ids: HashSet<usize> = delivered.iter().filter_map(|s| s.id).collect();
+    assert_eq!(ids, (0..N).collect::<HashSet<_>>());
+    assert!(delivered.iter().all(|s| s.body_len == MSG));
 }
