@@ -104,6 +104,11 @@ impl Buffer {
         self.max_messages.saturating_sub(self.len)
     }
 
+    /// Free room before the byte bound.
+    pub fn byte_room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.bytes)
+    }
+
     pub fn push(&mut self, msg: Message) {
         self.len += 1;
         self.bytes += msg.size();

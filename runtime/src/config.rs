@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use pacer_budget::client::ClientConfig;
 
 /// `pacer`: one replica of a globally throttled Kafka consumer fleet.
 #[derive(Debug, Parser)]
@@ -92,7 +93,9 @@ pub struct RunArgs {
     /// the assigned partitions are paused if the buffer stays full.
     #[arg(long, env = "PACER_BUFFER_MESSAGES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub buffer_messages: u32,
-    /// Most bytes (keys, values, headers) buffered ahead of the dispatcher, as above.
+    /// Most bytes (keys, values, headers) buffered ahead of the dispatcher, as above;
+    /// the message that reaches the bound is still taken, so it is exceeded by less than
+    /// one message.
     #[arg(long, env = "PACER_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 40)))]
     pub buffer_bytes: u64,
 
@@ -183,13 +186,7 @@ pub enum BudgetSource {
     /// Fixed limits; `rate` may be infinite (`--rate unlimited`).
     Standalone { rate: f64, in_flight: u32 },
     /// Leased from a coordinator.
-    Leased {
-        base_url: String,
-        namespace: String,
-        name: String,
-        token: String,
-        member: String,
-    },
+    Leased { client: ClientConfig },
 }
 
 /// Retry policy of the worker (see [`crate::outcome`]).
@@ -311,11 +308,13 @@ impl RunArgs {
                     .unwrap_or_default();
                 member_name(&member).map_err(|m| invalid("--member", m))?;
                 BudgetSource::Leased {
-                    base_url,
-                    namespace,
-                    name,
-                    token,
-                    member,
+                    client: ClientConfig {
+                        base_url,
+                        namespace,
+                        name,
+                        token,
+                        member,
+                    },
                 }
             }
         };
@@ -584,6 +583,37 @@ mod tests {
             }
         );
         assert_eq!(c.ordering, Ordering::None);
+    }
+
+    #[test]
+    fn a_coordinator_config_becomes_the_budget_clients_config_with_the_token_trimmed() {
+        let path = std::env::temp_dir().join(format!("pacer-token-{}", std::process::id()));
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let c = run_args(&[
+            "--coordinator",
+            "http://c:8080/",
+            "--budget",
+            "ns/b",
+            "--token-file",
+            path.to_str().unwrap(),
+            "--member",
+            "pod-0",
+        ])
+        .unwrap()
+        .validate();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            c.unwrap().budget,
+            BudgetSource::Leased {
+                client: ClientConfig {
+                    base_url: "http://c:8080".into(),
+                    namespace: "ns".into(),
+                    name: "b".into(),
+                    token: "s3cret".into(),
+                    member: "pod-0".into(),
+                }
+            }
+        );
     }
 
     #[test]

@@ -130,11 +130,13 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
                 ("heartbeat.interval.ms".into(), "500".into()),
             ],
             budget: BudgetSource::Leased {
-                base_url: format!("http://{coord_addr}"),
-                namespace: "demo".into(),
-                name: "demo".into(),
-                token: TOKEN.into(),
-                member: format!("replica-{i}"),
+                client: pacer_budget::client::ClientConfig {
+                    base_url: format!("http://{coord_addr}"),
+                    namespace: "demo".into(),
+                    name: "demo".into(),
+                    token: TOKEN.into(),
+                    member: format!("replica-{i}"),
+                },
             },
             burst: 1,
             ordering: Ordering::None,

@@ -14,16 +14,6 @@ use crate::metrics::ResultLabels;
 use crate::pipeline::Shared;
 use crate::DEMAND_EVERY;
 
-/// Where to lease from.
-#[derive(Debug, Clone)]
-pub struct LeasedConfig {
-    pub base_url: String,
-    pub namespace: String,
-    pub name: String,
-    pub token: String,
-    pub member: String,
-}
-
 /// A running budget client plus the channels around it.
 pub struct Leased {
     handle: LeaseHandle,
@@ -63,7 +53,7 @@ pub fn to_allowance(lease: &Lease) -> Allowance {
 
 impl Leased {
     /// Starts the budget client on the current runtime.
-    pub fn start(c: LeasedConfig) -> Leased {
+    pub fn start(config: ClientConfig) -> Leased {
         let (demand_tx, demand_rx) = watch::channel(Demand {
             demand: Share {
                 rate: 1.0,
@@ -71,16 +61,7 @@ impl Leased {
             },
             observed_rate: None,
         });
-        let handle = client::spawn(
-            ClientConfig {
-                base_url: c.base_url,
-                namespace: c.namespace,
-                name: c.name,
-                token: c.token,
-                member: c.member,
-            },
-            demand_rx,
-        );
+        let handle = client::spawn(config, demand_rx);
         let mut lease = handle.lease();
         let (tx, rx) = watch::channel(to_allowance(&lease.borrow_and_update()));
         tokio::spawn(async move {

@@ -101,20 +101,8 @@ pub async fn run(
             let (_tx, rx) = watch::channel(Allowance::standalone(rate, in_flight));
             run_with_allowance(config, rx, shutdown, |_| {}).await
         }
-        BudgetSource::Leased {
-            base_url,
-            namespace,
-            name,
-            token,
-            member,
-        } => {
-            let lease = leased::Leased::start(leased::LeasedConfig {
-                base_url,
-                namespace,
-                name,
-                token,
-                member,
-            });
+        BudgetSource::Leased { client } => {
+            let lease = leased::Leased::start(client);
             let rx = lease.allowance();
             let demand = lease.clone_demand();
             let result = run_with_allowance(config, rx, shutdown, move |h| {

@@ -302,13 +302,14 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         // PAUSE_AFTER pauses the partitions, because every pause/resume cycle discards
         // librdkafka's prefetch and costs a fetch round trip (pausing at once capped a
         // null sink at ~1,200 msg/s in the debug build).
-        let (full, low, refill, room) = {
+        let (full, low, refill, room, byte_room) = {
             let core = shared.lock();
             (
                 core.buffer.is_full(),
                 core.buffer.below_low_water(),
                 core.buffer.below_refill_mark(),
                 core.buffer.room(),
+                core.buffer.byte_room(),
             )
         };
         if full {
@@ -345,12 +346,22 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         }
 
         // Poll a batch: the first poll waits, the rest take what is already fetched.
+        // The batch ends at the message room or once its bytes reach the byte room, so
+        // the buffer goes over `buffer_bytes` by less than one message (without the
+        // byte check, one batch of 64 KiB messages filled a 512 KiB buffer to 1.9 MB).
         let limit = room.clamp(1, MAX_BATCH);
         let mut timeout = POLL_TIMEOUT;
+        let mut batch_bytes = 0;
         borrowed.clear();
         while borrowed.len() < limit {
             match consumer.poll(timeout) {
-                Some(Ok(m)) => borrowed.push(m),
+                Some(Ok(m)) => {
+                    batch_bytes += record_size(&m);
+                    borrowed.push(m);
+                    if batch_bytes >= byte_room {
+                        break;
+                    }
+                }
                 Some(Err(e)) => {
                     shared.metrics.kafka_errors.inc();
                     warn!(error = %e, "Kafka consumer error");
@@ -524,6 +535,16 @@ fn owned_batch(
         }
         out.push(msg);
     }
+}
+
+/// What a record will count for in the buffer ([`Message::size`]).
+fn record_size(m: &BorrowedMessage<'_>) -> usize {
+    let headers = m.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    m.key_len() + m.payload_len() + headers
 }
 
 /// Everything but the key and value (see [`owned_batch`]).

@@ -31,6 +31,8 @@ fn rate_between(sink: &TestSink, from: Instant, secs: u64) -> f64 {
 /// A `pacer coordinator` child serving one budget (`default/NAME`) from a file in a
 /// fresh temporary folder, with the token file the replicas read.
 struct Coordinator {
+    /// The budget's name (`default/NAME`).
+    name: String,
     dir: std::path::PathBuf,
     budgets: std::path::PathBuf,
     token: std::path::PathBuf,
@@ -60,12 +62,55 @@ impl Coordinator {
             budgets.display().to_string(),
         ]);
         Coordinator {
+            name: name.to_string(),
             dir,
             budgets,
             token,
             port,
             process,
         }
+    }
+
+    /// Arguments of a `pacer run` replica that consumes `topic` in group `g-TOPIC`,
+    /// delivers to `sink`, serves its admin endpoints on `admin_addr` and leases from
+    /// this coordinator's budget as `member`.
+    fn replica_args(
+        &self,
+        kafka: &Kafka,
+        topic: &str,
+        sink: &TestSink,
+        admin_addr: &str,
+        member: &str,
+    ) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--bootstrap-servers",
+            &kafka.bootstrap,
+            "--topic",
+            topic,
+            "--group-id",
+            &format!("g-{topic}"),
+            "--sink",
+            &sink.url(),
+            "--admin-addr",
+            admin_addr,
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", self.port),
+            "--budget",
+            &format!("default/{}", self.name),
+            "--token-file",
+            &self.token.display().to_string(),
+            "--member",
+            member,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (k, v) in fast_group() {
+            args.push("--kafka-config".into());
+            args.push(format!("{k}={v}"));
+        }
+        args
     }
 }
 
@@ -77,47 +122,21 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     kafka.produce("fleet", 6, 0..3000, 50, |_| None);
     let sink = TestSink::ok().await;
 
-    let Coordinator {
-        dir,
-        budgets,
-        token,
-        port,
-        process: coordinator,
-    } = Coordinator::start("fleet", "fleet", 3);
+    let coordinator = Coordinator::start("fleet", "fleet", 3);
+    let budgets = &coordinator.budgets;
 
     let admin_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let replica = |i: usize| {
-        let mut args: Vec<String> = [
-            "run",
-            "--bootstrap-servers",
-            &kafka.bootstrap,
-            "--topic",
-            "fleet",
-            "--group-id",
-            "g-fleet",
-            "--sink",
-            &sink.url(),
-            "--admin-addr",
-            &format!("127.0.0.1:{}", admin_ports[i]),
-            "--coordinator",
-            &format!("http://127.0.0.1:{port}"),
-            "--budget",
-            "default/fleet",
-            "--token-file",
-            &token.display().to_string(),
-            "--member",
-            &format!("replica-{i}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
+    let mut replicas: Vec<Pacer> = (0..3)
+        .map(|i| {
+            Pacer::spawn(&coordinator.replica_args(
+                &kafka,
+                "fleet",
+                &sink,
+                &format!("127.0.0.1:{}", admin_ports[i]),
+                &format!("replica-{i}"),
+            ))
+        })
         .collect();
-        for (k, v) in fast_group() {
-            args.push("--kafka-config".into());
-            args.push(format!("{k}={v}"));
-        }
-        Pacer::spawn(&args)
-    };
-    let mut replicas: Vec<Pacer> = (0..3).map(replica).collect();
     let state = sink.state.clone();
     wait_for("the fleet to deliver", Duration::from_secs(60), || {
         state.delivered_count() >= 100
@@ -186,13 +205,13 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     // The budget doubles: edit the file, SIGHUP the coordinator. The replicas' leases
     // follow within a few refreshes, without a burst.
     write(
-        &budgets,
-        &std::fs::read_to_string(&budgets).unwrap().replace(
+        budgets,
+        &std::fs::read_to_string(budgets).unwrap().replace(
             &format!("messagesPerSecond: {BUDGET}"),
             &format!("messagesPerSecond: {}", 2.0 * BUDGET),
         ),
     );
-    coordinator.signal(libc::SIGHUP);
+    coordinator.process.signal(libc::SIGHUP);
     let raised = Instant::now();
     wait_for(
         "the raised budget to reach the replicas",
@@ -236,7 +255,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
 
     // The coordinator dies: leases run out and the replicas fall back to their fallback
     // share (flagged in /metrics) instead of stopping or overshooting.
-    coordinator.signal(libc::SIGKILL);
+    coordinator.process.signal(libc::SIGKILL);
     let died = Instant::now();
     let ports: Vec<u16> = admin_ports[1..].to_vec();
     let mut fallback_seen = false;
@@ -266,7 +285,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     for r in &replicas {
         r.signal(libc::SIGTERM);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&coordinator.dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,44 +295,16 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
     kafka.topic("skew", 2);
     kafka.produce("skew", 1, 0..2000, 50, |_| None);
     let sink = TestSink::ok().await;
-    let Coordinator {
-        dir,
-        token,
-        port,
-        process: _coordinator,
-        ..
-    } = Coordinator::start("skew", "skew", 2);
+    let coordinator = Coordinator::start("skew", "skew", 2);
     let replicas: Vec<Pacer> = (0..2)
         .map(|i| {
-            let mut args: Vec<String> = [
-                "run",
-                "--bootstrap-servers",
-                &kafka.bootstrap,
-                "--topic",
+            Pacer::spawn(&coordinator.replica_args(
+                &kafka,
                 "skew",
-                "--group-id",
-                "g-skew",
-                "--sink",
-                &sink.url(),
-                "--admin-addr",
+                &sink,
                 "127.0.0.1:0",
-                "--coordinator",
-                &format!("http://127.0.0.1:{port}"),
-                "--budget",
-                "default/skew",
-                "--token-file",
-                &token.display().to_string(),
-                "--member",
                 &format!("skew-{i}"),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            for (k, v) in fast_group() {
-                args.push("--kafka-config".into());
-                args.push(format!("{k}={v}"));
-            }
-            Pacer::spawn(&args)
+            ))
         })
         .collect();
     let state = sink.state.clone();
@@ -348,5 +339,5 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
     for r in &replicas {
         r.signal(libc::SIGTERM);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&coordinator.dir);
 }
