@@ -9,6 +9,11 @@ use clap::Parser;
 use pacer_runtime::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// Messages are allocated on the Kafka thread and freed on the tokio workers; glibc's
+/// malloc serialised those cross-thread frees on an arena lock (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(format: LogFormat, default: &str) {
     // librdkafka's own log lines come through `rdkafka` at info; keep them at warn.
     let filter = EnvFilter::try_from_env("PACER_LOG").unwrap_or_else(|_| EnvFilter::new(default));

@@ -660,8 +660,12 @@ async fn finish(ctx: &WorkerContext, msg: &Message) -> bool {
                 if !sleep_unless_given_up(&ctx.shared, msg, after).await {
                     return false;
                 }
-                // A retry is another call to the service: it needs a permit too.
-                ctx.limiter.acquire().await;
+                // A retry is another call to the service: it needs a permit too. The
+                // wait gives up like the back-off does (a lease at zero would otherwise
+                // hold a revoke or the end of the shutdown grace).
+                if !permit_unless_given_up(ctx, msg).await {
+                    return false;
+                }
             }
             Decision::DeadLetter { error } => {
                 if !dead_letter(ctx, msg, &error, tries).await {
@@ -691,6 +695,22 @@ async fn sleep_unless_given_up(shared: &Shared, msg: &Message, after: Duration) 
         // Check for revocation at least every 100 ms so a rebalance is not held up by
         // a message waiting out a long backoff.
         tokio::time::sleep_until(until.min(now + Duration::from_millis(100))).await;
+    }
+}
+
+/// Waits for a rate permit, returning `false` as soon as the message should be given
+/// up (checked every 100 ms; [`RateLimiter::acquire`] is cancel-safe).
+async fn permit_unless_given_up(ctx: &WorkerContext, msg: &Message) -> bool {
+    loop {
+        if ctx.shared.should_give_up(msg) {
+            return false;
+        }
+        if tokio::time::timeout(Duration::from_millis(100), ctx.limiter.acquire())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
     }
 }
 
