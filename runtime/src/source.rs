@@ -285,6 +285,8 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
     let mut full_since: Option<Instant> = None;
     // Reused across polls (one allocation, not one per poll batch).
     let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
+    // The Kafka headers of each message in `borrowed`.
+    let mut headers: Vec<RecordHeaders> = Vec::with_capacity(MAX_BATCH);
     // Set when the buffer is full, cleared at the refill mark: no polling for messages
     // in between.
     let mut holding = false;
@@ -353,10 +355,15 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
         let mut timeout = POLL_TIMEOUT;
         let mut batch_bytes = 0;
         borrowed.clear();
+        headers.clear();
         while borrowed.len() < limit {
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
-                    batch_bytes += record_size(&m);
+                    // Parsed once here: librdkafka re-parses a record's header block
+                    // on every call when it holds no header.
+                    let h = read_headers(&m);
+                    batch_bytes += m.key_len() + m.payload_len() + headers_size(&h);
+                    headers.push(h);
                     borrowed.push(m);
                     if batch_bytes >= byte_room {
                         break;
@@ -371,7 +378,7 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
             }
             timeout = Duration::ZERO;
         }
-        owned_batch(&borrowed, &mut topics, &mut batch);
+        owned_batch(&borrowed, &mut headers, &mut topics, &mut batch);
         // Released to librdkafka before the buffer lock is taken.
         borrowed.clear();
         if batch.is_empty() {
@@ -487,6 +494,7 @@ const BLOCK: usize = 64 * 1024;
 /// malloc here and a free on another thread showed in profiles).
 fn owned_batch(
     borrowed: &[BorrowedMessage<'_>],
+    headers: &mut Vec<RecordHeaders>,
     topics: &mut FxHashMap<String, Arc<str>>,
     out: &mut Vec<Message>,
 ) {
@@ -521,8 +529,8 @@ fn owned_batch(
     if !block.is_empty() {
         blocks.push(block.freeze());
     }
-    for (m, (index, key, payload)) in borrowed.iter().zip(spans) {
-        let mut msg = owned(m, topics);
+    for ((m, h), (index, key, payload)) in borrowed.iter().zip(headers.drain(..)).zip(spans) {
+        let mut msg = owned(m, h, topics);
         match index.and_then(|i| blocks.get(i)) {
             Some(b) => {
                 msg.key = key.map(|r| b.slice(r));
@@ -537,18 +545,32 @@ fn owned_batch(
     }
 }
 
-/// What a record will count for in the buffer ([`Message::size`]).
-fn record_size(m: &BorrowedMessage<'_>) -> usize {
-    let headers = m.headers().map_or(0, |h| {
-        h.iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
-            .sum()
-    });
-    m.key_len() + m.payload_len() + headers
+type RecordHeaders = Vec<(String, Option<Bytes>)>;
+
+/// A record's Kafka headers, copied out.
+fn read_headers(m: &BorrowedMessage<'_>) -> RecordHeaders {
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What headers count for in the buffer ([`Message::size`]).
+fn headers_size(h: &RecordHeaders) -> usize {
+    h.iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
+        .sum()
 }
 
 /// Everything but the key and value (see [`owned_batch`]).
-fn owned(m: &BorrowedMessage<'_>, topics: &mut FxHashMap<String, Arc<str>>) -> Message {
+fn owned(
+    m: &BorrowedMessage<'_>,
+    headers: RecordHeaders,
+    topics: &mut FxHashMap<String, Arc<str>>,
+) -> Message {
     let name = m.topic();
     let topic = match topics.get(name) {
         Some(t) => t.clone(),
@@ -558,14 +580,6 @@ fn owned(m: &BorrowedMessage<'_>, topics: &mut FxHashMap<String, Arc<str>>) -> M
             t
         }
     };
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice)))
-                .collect()
-        })
-        .unwrap_or_default();
     Message {
         tp: TopicPartition {
             topic,
