@@ -11,6 +11,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
 use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
@@ -22,11 +25,12 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
 
-const PARTITIONS: i32 = 8;
-const MESSAGES: usize = 300_000;
+const PARTITIONS: i32 = 24;
+const MESSAGES: usize = 720_000;
 const SIZE: usize = 100;
-const HTTP_MESSAGES: usize = 40_000;
+const HTTP_MESSAGES: usize = 100_000;
 const CONCURRENCY: u32 = 32;
+const ROUNDS: usize = 5;
 
 fn produce(bootstrap: &str, topic: &str, n: usize) {
     let p: BaseProducer = ClientConfig::new()
@@ -53,10 +57,10 @@ fn produce(bootstrap: &str, topic: &str, n: usize) {
 }
 
 /// A bare consumer loop: poll until `n` messages, timed from the first.
-fn bare_consumer(bootstrap: &str, topic: &str, n: usize) -> f64 {
+fn bare_consumer(bootstrap: &str, topic: &str, group: &str, n: usize) -> f64 {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", "bench-bare")
+        .set("group.id", group)
         // The same fetch back-off pacer sets (librdkafka's default of 1 s makes this
         // loop bimodal: 260k or 1.8M msg/s from run to run).
         .set("fetch.queue.backoff.ms", "10")
@@ -163,7 +167,7 @@ async fn noop_server() -> std::net::SocketAddr {
 }
 
 /// `CONCURRENCY` tasks posting 100-byte bodies until `n` requests succeeded.
-async fn bare_http(url: &str, n: usize) -> f64 {
+async fn bare_http_loop(url: &str, n: usize) -> f64 {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY as usize)
         .tcp_nodelay(true)
@@ -197,7 +201,29 @@ async fn bare_http(url: &str, n: usize) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Median of a non-empty slice.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn range(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{lo:.2}-{hi:.2}")
+}
+
 fn main() {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cluster = MockCluster::new(1).expect("mock cluster");
     let bootstrap = cluster.bootstrap_servers();
@@ -211,49 +237,82 @@ fn main() {
 
     // BENCH_ONLY=null|http runs one half (for profiling); the table needs both.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let (mut bare, mut null) = (f64::NAN, f64::NAN);
-    if only != "http" {
-        eprintln!("bare consumer ...");
-        bare = bare_consumer(&bootstrap, "bench", MESSAGES);
-        eprintln!("pacer --sink null ...");
-        null = rt.block_on(pacer(
-            config(&bootstrap, "bench", "bench-null", SinkSpec::Null, 64),
-            MESSAGES,
-        ));
+    // Rounds alternate bare and pacer, each reading the whole topic from the start in
+    // a new consumer group, so a drift in machine speed hits both sides alike; the
+    // table gives the median of each side and of the per-round ratios.
+    let (mut bare, mut null, mut null_dlq) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut bare_http, mut http) = (Vec::new(), Vec::new());
+    let addr = rt.block_on(noop_server());
+    let url = format!("http://{addr}/");
+    for round in 0..rounds {
+        if only != "http" {
+            bare.push(bare_consumer(&bootstrap, "bench", &format!("bench-bare-{round}"), MESSAGES));
+            null.push(rt.block_on(pacer(
+                config(&bootstrap, "bench", &format!("bench-null-{round}"), SinkSpec::Null, 64),
+                MESSAGES,
+            )));
+            // With a dead-letter topic the source copies every record's Kafka headers
+            // (it could forward them), which the plain null sink skips.
+            let mut c = config(&bootstrap, "bench", &format!("bench-dlq-{round}"), SinkSpec::Null, 64);
+            c.dead_letter_topic = Some("bench-dead".into());
+            null_dlq.push(rt.block_on(pacer(c, MESSAGES)));
+            eprintln!(
+                "round {round}: bare consumer {:.0}, pacer null {:.0} ({:.2}), with dead-letter topic {:.0} msg/s ({:.2})",
+                bare[round],
+                null[round],
+                null[round] / bare[round],
+                null_dlq[round],
+                null_dlq[round] / bare[round]
+            );
+        }
+        if only != "null" {
+            bare_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES)));
+            http.push(rt.block_on(pacer(
+                config(
+                    &bootstrap,
+                    "bench-http",
+                    &format!("bench-http-{round}"),
+                    SinkSpec::Http(url.clone()),
+                    CONCURRENCY,
+                ),
+                HTTP_MESSAGES,
+            )));
+            eprintln!(
+                "round {round}: bare http {:.0}, pacer http {:.0} req/s ({:.2})",
+                bare_http[round],
+                http[round],
+                http[round] / bare_http[round]
+            );
+        }
     }
-    if only == "null" {
-        println!("bare {bare:.0} null {null:.0} ratio {:.2}", null / bare);
-        return;
+    let ratios = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(p, q)| p / q).collect() };
+    println!("| Measurement (median of {rounds} alternating rounds) | msg/s | Ratio (median of rounds) | Ratio range |");
+    println!("|---|---:|---:|---:|");
+    if !bare.is_empty() {
+        let r = ratios(&null, &bare);
+        println!("| bare rdkafka `BaseConsumer` loop ({MESSAGES} x {SIZE} B, {PARTITIONS} partitions) | {:.0} | | |", median(&bare));
+        println!(
+            "| `pacer run --sink null --rate unlimited --max-in-flight 64` (same topic) | {:.0} | {:.2} | {} |",
+            median(&null),
+            median(&r),
+            range(&r)
+        );
+        let r = ratios(&null_dlq, &bare);
+        println!(
+            "| the same with `--dead-letter-topic` (Kafka headers copied) | {:.0} | {:.2} | {} |",
+            median(&null_dlq),
+            median(&r),
+            range(&r)
+        );
     }
-    let (bare_http_rate, http_rate) = rt.block_on(async {
-        let addr = noop_server().await;
-        let url = format!("http://{addr}/");
-        eprintln!("bare HTTP loop ...");
-        let bare = bare_http(&url, HTTP_MESSAGES).await;
-        eprintln!("pacer --sink http ...");
-        let pacer_http = pacer(
-            config(
-                &bootstrap,
-                "bench-http",
-                "bench-http",
-                SinkSpec::Http(url),
-                CONCURRENCY,
-            ),
-            HTTP_MESSAGES,
-        )
-        .await;
-        (bare, pacer_http)
-    });
-    println!("| Measurement | msg/s | Ratio |");
-    println!("|---|---:|---:|");
-    println!("| bare rdkafka `BaseConsumer` loop ({MESSAGES} x {SIZE} B, {PARTITIONS} partitions) | {bare:.0} | |");
-    println!(
-        "| `pacer run --sink null --rate unlimited --max-in-flight 64` (same topic) | {null:.0} | {:.2} |",
-        null / bare
-    );
-    println!("| bare reqwest loop, {CONCURRENCY} concurrent, no-op axum server ({HTTP_MESSAGES} requests) | {bare_http_rate:.0} | |");
-    println!(
-        "| `pacer run --sink http --max-in-flight {CONCURRENCY}` (same server, {HTTP_MESSAGES} messages) | {http_rate:.0} | {:.2} |",
-        http_rate / bare_http_rate
-    );
+    if !bare_http.is_empty() {
+        let r = ratios(&http, &bare_http);
+        println!("| bare reqwest loop, {CONCURRENCY} concurrent, no-op axum server ({HTTP_MESSAGES} requests) | {:.0} | | |", median(&bare_http));
+        println!(
+            "| `pacer run --sink http --max-in-flight {CONCURRENCY}` (same server, {HTTP_MESSAGES} messages) | {:.0} | {:.2} | {} |",
+            median(&http),
+            median(&r),
+            range(&r)
+        );
+    }
 }

@@ -28,7 +28,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tracing::{debug, info, warn};
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, SinkSpec};
 use crate::hash::FxHashMap;
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
@@ -203,9 +203,10 @@ impl Source {
                 source,
             })?;
         let thread_phase = phase.clone();
+        let copy_metadata = forwards_metadata(config);
         let thread = std::thread::Builder::new()
             .name("pacer-kafka".into())
-            .spawn(move || poll_loop(consumer, shared, thread_phase))
+            .spawn(move || poll_loop(consumer, shared, thread_phase, copy_metadata))
             .map_err(SourceError::Thread)?;
         Ok(Source {
             phase,
@@ -277,7 +278,23 @@ pub fn consumer_config(config: &RunConfig) -> ClientConfig {
     c
 }
 
-fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: Arc<AtomicU8>) {
+/// Whether anything can forward a record's Kafka headers and timestamp: the `http`
+/// and `kafka` sinks and the dead-letter topic do; `null` and `stdout` (which writes
+/// the value only) do not, so without a dead-letter topic the source does not copy
+/// them. Reading them is not free: librdkafka parses a record's header block on every
+/// call, even an empty one (a sixth of the Kafka thread's time in the benchmark's
+/// profile), and the timestamp is another call per record.
+fn forwards_metadata(config: &RunConfig) -> bool {
+    config.dead_letter_topic.is_some()
+        || matches!(config.sink, SinkSpec::Http(_) | SinkSpec::Kafka(_))
+}
+
+fn poll_loop(
+    consumer: BaseConsumer<SourceContext>,
+    shared: Arc<Shared>,
+    phase: Arc<AtomicU8>,
+    copy_metadata: bool,
+) {
     let mut topics: FxHashMap<String, Arc<str>> = FxHashMap::default();
     let mut paused = false;
     let mut last_store = Instant::now();
@@ -361,7 +378,11 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
                 Some(Ok(m)) => {
                     // Parsed once here: librdkafka re-parses a record's header block
                     // on every call when it holds no header.
-                    let h = read_headers(&m);
+                    let h = if copy_metadata {
+                        read_headers(&m)
+                    } else {
+                        Vec::new()
+                    };
                     batch_bytes += m.key_len() + m.payload_len() + headers_size(&h);
                     headers.push(h);
                     borrowed.push(m);
@@ -378,7 +399,7 @@ fn poll_loop(consumer: BaseConsumer<SourceContext>, shared: Arc<Shared>, phase: 
             }
             timeout = Duration::ZERO;
         }
-        owned_batch(&borrowed, &mut headers, &mut topics, &mut batch);
+        owned_batch(&borrowed, &mut headers, copy_metadata, &mut topics, &mut batch);
         // Released to librdkafka before the buffer lock is taken.
         borrowed.clear();
         if batch.is_empty() {
@@ -495,6 +516,7 @@ const BLOCK: usize = 64 * 1024;
 fn owned_batch(
     borrowed: &[BorrowedMessage<'_>],
     headers: &mut Vec<RecordHeaders>,
+    timestamps: bool,
     topics: &mut FxHashMap<String, Arc<str>>,
     out: &mut Vec<Message>,
 ) {
@@ -531,6 +553,9 @@ fn owned_batch(
     }
     for ((m, h), (index, key, payload)) in borrowed.iter().zip(headers.drain(..)).zip(spans) {
         let mut msg = owned(m, h, topics);
+        if timestamps {
+            msg.timestamp_ms = m.timestamp().to_millis();
+        }
         match index.and_then(|i| blocks.get(i)) {
             Some(b) => {
                 msg.key = key.map(|r| b.slice(r));
@@ -565,7 +590,7 @@ fn headers_size(h: &RecordHeaders) -> usize {
         .sum()
 }
 
-/// Everything but the key and value (see [`owned_batch`]).
+/// Everything but the key, value and timestamp (see [`owned_batch`]).
 fn owned(
     m: &BorrowedMessage<'_>,
     headers: RecordHeaders,
@@ -589,7 +614,7 @@ fn owned(
         key: None,
         payload: None,
         headers,
-        timestamp_ms: m.timestamp().to_millis(),
+        timestamp_ms: None,
         generation: 0,
     }
 }
