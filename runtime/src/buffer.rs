@@ -16,7 +16,6 @@
 //! bounds are enforced by the caller pausing the consumer (see [`Buffer::is_full`]).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -58,7 +57,7 @@ pub struct Buffer {
     /// Position of each partition in `queues`.
     index: HashMap<TopicPartition, usize>,
     cursor: usize,
-    busy_keys: HashMap<(Arc<str>, Bytes), Holder>,
+    busy_keys: HashMap<(&'static str, Bytes), Holder>,
     busy_partitions: HashSet<TopicPartition>,
     len: usize,
     bytes: usize,
@@ -238,10 +237,8 @@ impl Buffer {
                 }
                 Ordering::Key => {
                     if let Some(k) = &msg.key {
-                        self.busy_keys.insert(
-                            (msg.tp.topic.clone(), k.clone()),
-                            (msg.tp.clone(), msg.offset),
-                        );
+                        self.busy_keys
+                            .insert((msg.tp.topic, k.clone()), (msg.tp.clone(), msg.offset));
                     }
                 }
             }
@@ -261,7 +258,7 @@ impl Buffer {
             }
             Ordering::Key => {
                 if let Some(k) = key {
-                    let id = (tp.topic.clone(), k.clone());
+                    let id = (tp.topic, k.clone());
                     if self
                         .busy_keys
                         .get(&id)
@@ -321,16 +318,15 @@ impl Buffer {
     }
 }
 
-
 fn first_free_key(
     queue: &VecDeque<Message>,
-    busy: &HashMap<(Arc<str>, Bytes), Holder>,
+    busy: &HashMap<(&'static str, Bytes), Holder>,
 ) -> Option<usize> {
     // Keys seen earlier in this scan are held by an earlier buffered message.
     let mut held: HashSet<&Bytes> = HashSet::default();
     for (i, m) in queue.iter().take(KEY_SCAN_LIMIT).enumerate() {
         let Some(k) = &m.key else { return Some(i) };
-        if !held.contains(k) && !busy.contains_key(&(m.tp.topic.clone(), k.clone())) {
+        if !held.contains(k) && !busy.contains_key(&(m.tp.topic, k.clone())) {
             return Some(i);
         }
         held.insert(k);

@@ -1,28 +1,44 @@
 //! The owned form of a consumed Kafka record, detached from the consumer so it can wait
 //! in the buffer and travel to a worker.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 
-/// A topic and partition. The topic is shared, so cloning is cheap.
+/// Interns a topic name for the life of the process. Topic names are few (the
+/// subscribed topics), and a `&'static str` is copied without the reference count an
+/// `Arc<str>` bumps on the Kafka thread and drops on a worker for every message (one
+/// contended cache line per topic, in the benchmark's profile).
+pub fn intern(name: &str) -> &'static str {
+    static TABLE: std::sync::OnceLock<std::sync::Mutex<crate::hash::FxHashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut table = TABLE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = table.get(name) {
+        return t;
+    }
+    let t: &'static str = Box::leak(name.into());
+    table.insert(t);
+    t
+}
+
+/// A topic and partition. The topic is interned ([`intern`]), so cloning is a copy.
 #[derive(Debug, Clone, Eq, PartialOrd, Ord)]
 pub struct TopicPartition {
-    pub topic: Arc<str>,
+    pub topic: &'static str,
     pub partition: i32,
 }
 
 impl PartialEq for TopicPartition {
-    /// Topic names are shared `Arc`s from the Kafka thread's cache: compare pointers
-    /// first, contents only when they differ.
+    /// Interned names compare by pointer; contents only when the pointers differ.
     fn eq(&self, other: &Self) -> bool {
         self.partition == other.partition
-            && (Arc::ptr_eq(&self.topic, &other.topic) || self.topic == other.topic)
+            && (std::ptr::eq(self.topic, other.topic) || self.topic == other.topic)
     }
 }
 
 impl std::hash::Hash for TopicPartition {
-    /// By content, consistent with `eq` (equal pointers imply equal contents).
+    /// By content, consistent with `eq`.
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.topic.hash(state);
         self.partition.hash(state);
@@ -30,9 +46,9 @@ impl std::hash::Hash for TopicPartition {
 }
 
 impl TopicPartition {
-    pub fn new(topic: impl Into<Arc<str>>, partition: i32) -> Self {
+    pub fn new(topic: &str, partition: i32) -> Self {
         Self {
-            topic: topic.into(),
+            topic: intern(topic),
             partition,
         }
     }

@@ -388,7 +388,10 @@ impl Shared {
         let (kept, dropped) = core.buffer.retain_gaps();
         self.update_gauges(&core);
         drop(core);
-        debug!(kept, dropped, "Stopping: buffered gaps kept, the rest dropped");
+        debug!(
+            kept,
+            dropped, "Stopping: buffered gaps kept, the rest dropped"
+        );
         self.wake.notify_one();
         kept
     }

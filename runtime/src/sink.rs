@@ -270,7 +270,7 @@ pub fn http_headers(msg: &Message, source: &HeaderValue) -> HeaderMap {
         let _ = write!(id, "{}-{}-{}", msg.tp.topic, msg.tp.partition, msg.offset);
     }
     put_value(&mut h, &CE_ID, id.as_bytes());
-    match cached_topic(&msg.tp.topic) {
+    match cached_topic(msg.tp.topic) {
         Some(v) => {
             h.insert(KAFKA_TOPIC.clone(), v);
         }
@@ -330,7 +330,7 @@ thread_local! {
     static LAST_TIME: std::cell::RefCell<Option<(i64, HeaderValue)>> =
         const { std::cell::RefCell::new(None) };
     /// The last `kafka-topic` value built on this thread, by topic name.
-    static LAST_TOPIC: std::cell::RefCell<Option<(std::sync::Arc<str>, HeaderValue)>> =
+    static LAST_TOPIC: std::cell::RefCell<Option<(&'static str, HeaderValue)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -349,11 +349,11 @@ fn cached_time(ms: i64) -> Option<HeaderValue> {
 }
 
 /// `None` when the topic is not a valid header value as is (never for a Kafka topic).
-fn cached_topic(topic: &std::sync::Arc<str>) -> Option<HeaderValue> {
+fn cached_topic(topic: &'static str) -> Option<HeaderValue> {
     LAST_TOPIC.with(|c| {
         let mut c = c.borrow_mut();
         if let Some((t, v)) = c.as_ref() {
-            if t == topic {
+            if std::ptr::eq(*t, topic) || *t == topic {
                 return Some(v.clone());
             }
         }
@@ -361,7 +361,7 @@ fn cached_topic(topic: &std::sync::Arc<str>) -> Option<HeaderValue> {
             return None;
         }
         let v = HeaderValue::from_str(topic).ok()?;
-        *c = Some((topic.clone(), v.clone()));
+        *c = Some((topic, v.clone()));
         Some(v)
     })
 }

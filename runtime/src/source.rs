@@ -160,7 +160,7 @@ fn to_tpl(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(offsets.len());
     for (tp, o) in offsets {
         // Adding to a fresh list with a valid offset cannot fail.
-        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*o));
+        let _ = tpl.add_partition_offset(tp.topic, tp.partition, Offset::Offset(*o));
     }
     tpl
 }
@@ -295,7 +295,7 @@ fn poll_loop(
     phase: Arc<AtomicU8>,
     copy_metadata: bool,
 ) {
-    let mut topics: FxHashMap<String, Arc<str>> = FxHashMap::default();
+    let mut topics: FxHashMap<String, &'static str> = FxHashMap::default();
     let mut paused = false;
     let mut last_store = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
@@ -399,7 +399,13 @@ fn poll_loop(
             }
             timeout = Duration::ZERO;
         }
-        owned_batch(&borrowed, &mut headers, copy_metadata, &mut topics, &mut batch);
+        owned_batch(
+            &borrowed,
+            &mut headers,
+            copy_metadata,
+            &mut topics,
+            &mut batch,
+        );
         // Released to librdkafka before the buffer lock is taken.
         borrowed.clear();
         if batch.is_empty() {
@@ -517,7 +523,7 @@ fn owned_batch(
     borrowed: &[BorrowedMessage<'_>],
     headers: &mut Vec<RecordHeaders>,
     timestamps: bool,
-    topics: &mut FxHashMap<String, Arc<str>>,
+    topics: &mut FxHashMap<String, &'static str>,
     out: &mut Vec<Message>,
 ) {
     type Span = Option<std::ops::Range<usize>>;
@@ -594,14 +600,14 @@ fn headers_size(h: &RecordHeaders) -> usize {
 fn owned(
     m: &BorrowedMessage<'_>,
     headers: RecordHeaders,
-    topics: &mut FxHashMap<String, Arc<str>>,
+    topics: &mut FxHashMap<String, &'static str>,
 ) -> Message {
     let name = m.topic();
     let topic = match topics.get(name) {
-        Some(t) => t.clone(),
+        Some(t) => *t,
         None => {
-            let t: Arc<str> = Arc::from(name);
-            topics.insert(name.to_string(), t.clone());
+            let t = crate::message::intern(name);
+            topics.insert(name.to_string(), t);
             t
         }
     };
