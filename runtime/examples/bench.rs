@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
 use pacer_runtime::lease::Allowance;
+use pacer_runtime::message::{Message, TopicPartition};
 use pacer_runtime::metrics::OutcomeLabels;
+use pacer_runtime::sink::http_headers;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -167,7 +169,10 @@ async fn noop_server() -> std::net::SocketAddr {
 }
 
 /// `CONCURRENCY` tasks posting 100-byte bodies until `n` requests succeeded.
-async fn bare_http_loop(url: &str, n: usize) -> f64 {
+/// `same_request`: each request carries the headers the pacer sink sends (CloudEvents
+/// binary mode and the Kafka coordinates, built by the same function), so only the
+/// pipeline differs; otherwise a bare POST of the body.
+async fn bare_http_loop(url: &str, n: usize, same_request: bool) -> f64 {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY as usize)
         .tcp_nodelay(true)
@@ -181,13 +186,41 @@ async fn bare_http_loop(url: &str, n: usize) -> f64 {
     // Warm the pool like the pacer sink's first requests do.
     let _ = client.post(url.clone()).body(body.clone()).send().await;
     let start = Instant::now();
+    let source = reqwest::header::HeaderValue::from_static("/pacer/bench-http");
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let tasks: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (client, done, url, body) =
-                (client.clone(), done.clone(), url.clone(), body.clone());
+        .map(|task| {
+            let (client, done, url, body, source) = (
+                client.clone(),
+                done.clone(),
+                url.clone(),
+                body.clone(),
+                source.clone(),
+            );
             tokio::spawn(async move {
+                let mut offset = 0i64;
                 while (done.load(Ordering::Relaxed) as usize) < n {
-                    if let Ok(r) = client.post(url.clone()).body(body.clone()).send().await {
+                    let sent = if same_request {
+                        let msg = Message {
+                            tp: TopicPartition::new("bench-http", task as i32 % PARTITIONS),
+                            offset,
+                            key: None,
+                            payload: Some(body.clone()),
+                            headers: Vec::new(),
+                            timestamp_ms: Some(created),
+                            generation: 0,
+                        };
+                        offset += 1;
+                        let mut req = reqwest::Request::new(reqwest::Method::POST, url.clone());
+                        *req.headers_mut() = http_headers(&msg, &source);
+                        *req.body_mut() = Some(body.clone().into());
+                        client.execute(req).await
+                    } else {
+                        client.post(url.clone()).body(body.clone()).send().await
+                    };
+                    if let Ok(r) = sent {
                         let _ = r.bytes().await;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -241,19 +274,36 @@ fn main() {
     // a new consumer group, so a drift in machine speed hits both sides alike; the
     // table gives the median of each side and of the per-round ratios.
     let (mut bare, mut null, mut null_dlq) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut bare_http, mut http) = (Vec::new(), Vec::new());
+    let (mut bare_http, mut same_http, mut http) = (Vec::new(), Vec::new(), Vec::new());
     let addr = rt.block_on(noop_server());
     let url = format!("http://{addr}/");
     for round in 0..rounds {
         if only != "http" {
-            bare.push(bare_consumer(&bootstrap, "bench", &format!("bench-bare-{round}"), MESSAGES));
+            bare.push(bare_consumer(
+                &bootstrap,
+                "bench",
+                &format!("bench-bare-{round}"),
+                MESSAGES,
+            ));
             null.push(rt.block_on(pacer(
-                config(&bootstrap, "bench", &format!("bench-null-{round}"), SinkSpec::Null, 64),
+                config(
+                    &bootstrap,
+                    "bench",
+                    &format!("bench-null-{round}"),
+                    SinkSpec::Null,
+                    64,
+                ),
                 MESSAGES,
             )));
             // With a dead-letter topic the source copies every record's Kafka headers
             // (it could forward them), which the plain null sink skips.
-            let mut c = config(&bootstrap, "bench", &format!("bench-dlq-{round}"), SinkSpec::Null, 64);
+            let mut c = config(
+                &bootstrap,
+                "bench",
+                &format!("bench-dlq-{round}"),
+                SinkSpec::Null,
+                64,
+            );
             c.dead_letter_topic = Some("bench-dead".into());
             null_dlq.push(rt.block_on(pacer(c, MESSAGES)));
             eprintln!(
@@ -266,7 +316,8 @@ fn main() {
             );
         }
         if only != "null" {
-            bare_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES)));
+            bare_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES, false)));
+            same_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES, true)));
             http.push(rt.block_on(pacer(
                 config(
                     &bootstrap,
@@ -278,14 +329,17 @@ fn main() {
                 HTTP_MESSAGES,
             )));
             eprintln!(
-                "round {round}: bare http {:.0}, pacer http {:.0} req/s ({:.2})",
+                "round {round}: bare http {:.0}, bare with pacer's headers {:.0}, pacer http {:.0} req/s ({:.2}, {:.2})",
                 bare_http[round],
+                same_http[round],
                 http[round],
-                http[round] / bare_http[round]
+                http[round] / bare_http[round],
+                http[round] / same_http[round]
             );
         }
     }
-    let ratios = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(p, q)| p / q).collect() };
+    let ratios =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(p, q)| p / q).collect() };
     println!("| Measurement (median of {rounds} alternating rounds) | msg/s | Ratio (median of rounds) | Ratio range |");
     println!("|---|---:|---:|---:|");
     if !bare.is_empty() {
@@ -307,12 +361,19 @@ fn main() {
     }
     if !bare_http.is_empty() {
         let r = ratios(&http, &bare_http);
+        let same = ratios(&http, &same_http);
         println!("| bare reqwest loop, {CONCURRENCY} concurrent, no-op axum server ({HTTP_MESSAGES} requests) | {:.0} | | |", median(&bare_http));
+        println!("| the same loop sending the pacer sink's requests (its CloudEvents/Kafka headers) | {:.0} | | |", median(&same_http));
         println!(
-            "| `pacer run --sink http --max-in-flight {CONCURRENCY}` (same server, {HTTP_MESSAGES} messages) | {:.0} | {:.2} | {} |",
+            "| `pacer run --sink http --max-in-flight {CONCURRENCY}` (same server, {HTTP_MESSAGES} messages), vs the bare loop | {:.0} | {:.2} | {} |",
             median(&http),
             median(&r),
             range(&r)
+        );
+        println!(
+            "| the same pacer runs vs the loop sending the same requests | | {:.2} | {} |",
+            median(&same),
+            range(&same)
         );
     }
 }
