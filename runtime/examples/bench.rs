@@ -234,6 +234,27 @@ async fn bare_http_loop(url: &str, n: usize, same_request: bool) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// CPU seconds this process used so far (user + system, from /proc/self/stat; 10 ms
+/// resolution), to give CPU per message besides throughput.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th,
+    // stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.get(11).copied().unwrap_or(0.0) / 100.0 + f.get(12).copied().unwrap_or(0.0) / 100.0
+}
+
+/// Runs `f`, returning its result and the CPU microseconds it used per message.
+fn with_cpu<T>(n: usize, f: impl FnOnce() -> T) -> (T, f64) {
+    let before = cpu_seconds();
+    let r = f();
+    (r, (cpu_seconds() - before) * 1e6 / n as f64)
+}
+
 /// Median of a non-empty slice.
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -275,6 +296,9 @@ fn main() {
     // table gives the median of each side and of the per-round ratios.
     let (mut bare, mut null, mut null_dlq) = (Vec::new(), Vec::new(), Vec::new());
     let (mut bare_http, mut same_http, mut http) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU microseconds per message of each side (whole process, so pacer's includes
+    // consuming from the embedded broker), per round.
+    let (mut cpu_same, mut cpu_http) = (Vec::new(), Vec::new());
     let addr = rt.block_on(noop_server());
     let url = format!("http://{addr}/");
     for round in 0..rounds {
@@ -317,24 +341,34 @@ fn main() {
         }
         if only != "null" {
             bare_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES, false)));
-            same_http.push(rt.block_on(bare_http_loop(&url, HTTP_MESSAGES, true)));
-            http.push(rt.block_on(pacer(
-                config(
-                    &bootstrap,
-                    "bench-http",
-                    &format!("bench-http-{round}"),
-                    SinkSpec::Http(url.clone()),
-                    CONCURRENCY,
-                ),
-                HTTP_MESSAGES,
-            )));
+            let (rate, cpu) = with_cpu(HTTP_MESSAGES, || {
+                rt.block_on(bare_http_loop(&url, HTTP_MESSAGES, true))
+            });
+            same_http.push(rate);
+            cpu_same.push(cpu);
+            let (rate, cpu) = with_cpu(HTTP_MESSAGES, || {
+                rt.block_on(pacer(
+                    config(
+                        &bootstrap,
+                        "bench-http",
+                        &format!("bench-http-{round}"),
+                        SinkSpec::Http(url.clone()),
+                        CONCURRENCY,
+                    ),
+                    HTTP_MESSAGES,
+                ))
+            });
+            http.push(rate);
+            cpu_http.push(cpu);
             eprintln!(
-                "round {round}: bare http {:.0}, bare with pacer's headers {:.0}, pacer http {:.0} req/s ({:.2}, {:.2})",
+                "round {round}: bare http {:.0}, bare with pacer's headers {:.0}, pacer http {:.0} req/s ({:.2}, {:.2}); CPU per request {:.1} vs {:.1} us",
                 bare_http[round],
                 same_http[round],
                 http[round],
                 http[round] / bare_http[round],
-                http[round] / same_http[round]
+                http[round] / same_http[round],
+                cpu_same[round],
+                cpu_http[round]
             );
         }
     }
@@ -374,6 +408,11 @@ fn main() {
             "| the same pacer runs vs the loop sending the same requests | | {:.2} | {} |",
             median(&same),
             range(&same)
+        );
+        println!(
+            "\nCPU per request (whole process, median): loop sending the same requests {:.1} us, pacer {:.1} us (pacer's includes the whole run: group join, fetching and copying every record, shutdown)",
+            median(&cpu_same),
+            median(&cpu_http)
         );
     }
 }
