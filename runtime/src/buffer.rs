@@ -112,6 +112,45 @@ impl Buffer {
         self.len <= self.max_messages / 4 * 3 && self.bytes <= self.max_bytes / 4 * 3
     }
 
+    /// With `partition` ordering, which partitions to pause and which to resume so that
+    /// the buffer holds messages of every partition that has some to give: a partition
+    /// with at least `share` buffered messages is held (the caller pauses it, so the
+    /// Kafka thread's polls reach the other partitions' fetched runs instead of filling
+    /// the buffer with one partition, which can have only one message in flight), and a
+    /// held one is released at half its share. `held` is what the caller holds now;
+    /// `assigned` says which partitions may be paused or resumed at all. Returns (hold,
+    /// release).
+    pub fn holds(
+        &self,
+        share: usize,
+        held: &HashSet<TopicPartition>,
+        assigned: impl Fn(&TopicPartition) -> bool,
+    ) -> (Vec<TopicPartition>, Vec<TopicPartition>) {
+        let share = share.max(1);
+        let hold = self
+            .queues
+            .iter()
+            .filter(|q| q.msgs.len() >= share && !held.contains(&q.tp) && assigned(&q.tp))
+            .map(|q| q.tp.clone())
+            .collect();
+        let release = held
+            .iter()
+            .filter(|tp| {
+                assigned(tp)
+                    && self
+                        .index
+                        .get(*tp)
+                        .is_none_or(|&i| self.queues[i].msgs.len() <= share / 2)
+            })
+            .cloned()
+            .collect();
+        (hold, release)
+    }
+
+    pub fn max_messages(&self) -> usize {
+        self.max_messages
+    }
+
     /// Free room before the message bound.
     pub fn room(&self) -> usize {
         self.max_messages.saturating_sub(self.len)
@@ -366,6 +405,40 @@ mod tests {
         assert!(b.pop_ready().is_none());
         b.release(&first.tp, None, first.offset);
         assert_eq!(b.pop_ready().unwrap().offset, 1);
+    }
+
+    #[test]
+    fn a_partition_with_its_share_buffered_is_held_and_released_at_half() {
+        let mut b = Buffer::new(Ordering::Partition, 100, 1 << 20);
+        for o in 0..10 {
+            b.push(msg(0, o, None));
+        }
+        for o in 0..3 {
+            b.push(msg(1, o, None));
+        }
+        let all = |_: &TopicPartition| true;
+        let mut held = HashSet::default();
+        let (hold, release) = b.holds(10, &held, all);
+        assert_eq!(hold, vec![TopicPartition::new("t", 0)]);
+        assert!(release.is_empty());
+        held.extend(hold);
+        // Held partitions are not held again; partition 1 (3 < 10) is not held.
+        assert_eq!(b.holds(10, &held, all), (vec![], vec![]));
+        // Down to 6 (> 5): still held; down to 5: released.
+        let p0 = TopicPartition::new("t", 0);
+        let drain_to = |b: &mut Buffer, left: usize| {
+            while b.queues[b.index[&p0]].msgs.len() > left {
+                let m = b.pop_ready().unwrap();
+                b.release(&m.tp, None, m.offset);
+            }
+        };
+        drain_to(&mut b, 6);
+        assert!(b.holds(10, &held, all).1.is_empty());
+        drain_to(&mut b, 5);
+        assert_eq!(b.holds(10, &held, all).1, vec![p0.clone()]);
+        // A partition that is no longer assigned is neither held nor resumed.
+        let none = |_: &TopicPartition| false;
+        assert_eq!(b.holds(1, &held, none), (vec![], vec![]));
     }
 
     #[test]

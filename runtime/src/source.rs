@@ -28,8 +28,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tracing::{debug, info, warn};
 
-use crate::config::{RunConfig, SinkSpec};
-use crate::hash::FxHashMap;
+use crate::config::{Ordering, RunConfig, SinkSpec};
+use crate::hash::{FxHashMap, FxHashSet};
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
 use crate::pipeline::Shared;
@@ -251,9 +251,19 @@ impl Source {
         let thread_phase = phase.clone();
         let copy_metadata = forwards_metadata(config);
         let trigger = CommitTrigger::new(config.buffer_messages);
+        let hold_partitions = config.ordering == Ordering::Partition;
         let thread = std::thread::Builder::new()
             .name("pacer-kafka".into())
-            .spawn(move || poll_loop(consumer, shared, thread_phase, copy_metadata, trigger))
+            .spawn(move || {
+                poll_loop(
+                    consumer,
+                    shared,
+                    thread_phase,
+                    copy_metadata,
+                    trigger,
+                    hold_partitions,
+                )
+            })
             .map_err(SourceError::Thread)?;
         Ok(Source {
             phase,
@@ -342,7 +352,11 @@ fn poll_loop(
     phase: Arc<AtomicU8>,
     copy_metadata: bool,
     mut trigger: CommitTrigger,
+    hold_partitions: bool,
 ) {
+    // With `partition` ordering: partitions paused one by one because they have their
+    // share of the buffer (see `Buffer::holds`).
+    let mut held: FxHashSet<TopicPartition> = FxHashSet::default();
     let mut topics: FxHashMap<String, &'static str> = FxHashMap::default();
     let mut paused = false;
     let mut last_store = Instant::now();
@@ -405,6 +419,28 @@ fn poll_loop(
         } else if !want_paused && paused {
             set_paused(&consumer, &shared, false);
             paused = false;
+            // Resuming everything resumed the held partitions too.
+            pause_some(&consumer, &held, true);
+        }
+        if hold_partitions && !paused {
+            let (hold, release) = {
+                let core = shared.lock();
+                if changed {
+                    held.retain(|tp| core.assigned.contains_key(tp));
+                }
+                let share = core.buffer.max_messages() / core.assigned.len().max(1);
+                core.buffer
+                    .holds(share, &held, |tp| core.assigned.contains_key(tp))
+            };
+            if !hold.is_empty() || !release.is_empty() {
+                pause_some(&consumer, &hold, true);
+                pause_some(&consumer, &release, false);
+                held.extend(hold);
+                for tp in &release {
+                    held.remove(tp);
+                }
+                shared.metrics.paused_partitions.set(held.len() as i64);
+            }
         }
         if holding && !paused {
             // After the buffer was full, wait until it drained to the refill mark
@@ -540,6 +576,31 @@ fn store(consumer: &BaseConsumer<SourceContext>, shared: &Shared, trigger: &mut 
         debug!(error = %e, "Storing offsets");
     }
     trigger.stored(&pending);
+}
+
+/// Pauses (or resumes) some partitions; errors (a partition revoked meanwhile) are
+/// logged only.
+fn pause_some<'a>(
+    consumer: &BaseConsumer<SourceContext>,
+    tps: impl IntoIterator<Item = &'a TopicPartition>,
+    pause: bool,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for tp in tps {
+        tpl.add_partition(tp.topic, tp.partition);
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    let result = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    match result {
+        Ok(()) => debug!(partitions = tpl.count(), pause, "Partitions held/released"),
+        Err(e) => debug!(error = %e, pause, "Cannot hold/release partitions"),
+    }
 }
 
 fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {

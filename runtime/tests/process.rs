@@ -254,10 +254,8 @@ async fn sigterm_then_new_replica(ordering: &str) {
         "1000",
         "--max-in-flight",
         "16",
-        // Room for every partition: with `partition` ordering a buffer filled by one
-        // partition's fetch leaves the others idle (see the README).
         "--buffer-messages",
-        "2000",
+        "500",
         "--ordering",
         ordering,
         "--retry-initial-delay",
