@@ -592,14 +592,21 @@ fn pause_some<'a>(
     if tpl.count() == 0 {
         return;
     }
-    let result = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    match result {
+    match pause_or_resume(consumer, &tpl, pause) {
         Ok(()) => debug!(partitions = tpl.count(), pause, "Partitions held/released"),
         Err(e) => debug!(error = %e, pause, "Cannot hold/release partitions"),
+    }
+}
+
+fn pause_or_resume(
+    consumer: &BaseConsumer<SourceContext>,
+    tpl: &TopicPartitionList,
+    pause: bool,
+) -> rdkafka::error::KafkaResult<()> {
+    if pause {
+        consumer.pause(tpl)
+    } else {
+        consumer.resume(tpl)
     }
 }
 
@@ -607,12 +614,7 @@ fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bo
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
-    let result = if pause {
-        consumer.pause(&assignment)
-    } else {
-        consumer.resume(&assignment)
-    };
-    match result {
+    match pause_or_resume(consumer, &assignment, pause) {
         Ok(()) => {
             let n = if pause { assignment.count() } else { 0 };
             shared.metrics.paused_partitions.set(n as i64);
