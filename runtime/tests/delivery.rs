@@ -675,8 +675,18 @@ async fn a_lease_change_resizes_the_in_flight_limit_live() {
     })
     .await;
     r.allowance.send(granted(1)).unwrap();
-    // In-flight work finishes (100 ms); from then on one at a time.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once the replica applied the new limit and the sink is down to one request, the
+    // requests started under the old limit have finished: from then on one at a time.
+    let metrics = r.handle.shared.metrics.clone();
+    wait_for(
+        "the limit of 1 applied and in-flight work finished",
+        Duration::from_secs(5),
+        || {
+            metrics.granted_in_flight.get() == 1
+                && state.current.load(std::sync::atomic::Ordering::SeqCst) <= 1
+        },
+    )
+    .await;
     state
         .max_concurrent
         .store(0, std::sync::atomic::Ordering::SeqCst);

@@ -28,6 +28,58 @@ fn rate_between(sink: &TestSink, from: Instant, secs: u64) -> f64 {
     n as f64 / secs as f64
 }
 
+/// One replica as its admin `/metrics` shows it (`None`: not scraped or not exposed).
+#[derive(Debug, Default)]
+struct ReplicaView {
+    granted_rate: Option<f64>,
+    assigned_partitions: Option<f64>,
+    buffer_messages: Option<f64>,
+    fallback: Option<f64>,
+}
+
+/// What the fleet shows at one instant: each replica's admin metrics and the
+/// coordinator's snapshot of the budget.
+#[derive(Debug)]
+struct FleetView {
+    replicas: Vec<ReplicaView>,
+    budget: Option<pacer_budget::Snapshot>,
+}
+
+impl FleetView {
+    /// Sum of the replicas' granted rates, if every replica answered.
+    fn granted_rate(&self) -> Option<f64> {
+        self.replicas.iter().map(|r| r.granted_rate).sum()
+    }
+
+    /// True once the group's assignment is complete: every replica holds at least one
+    /// partition and together they hold all `partitions`.
+    fn assigned_all(&self, partitions: usize) -> bool {
+        let counts: Option<Vec<f64>> = self
+            .replicas
+            .iter()
+            .map(|r| r.assigned_partitions)
+            .collect();
+        counts.is_some_and(|c| {
+            c.iter().all(|n| *n >= 1.0) && c.iter().sum::<f64>() == partitions as f64
+        })
+    }
+
+    /// True when no replica runs on its fallback share.
+    fn all_leased(&self) -> bool {
+        self.replicas.iter().all(|r| r.fallback == Some(0.0))
+    }
+
+    /// The live members in the coordinator's snapshot.
+    fn live_members(&self) -> Vec<&str> {
+        self.budget
+            .iter()
+            .flat_map(|s| &s.members)
+            .filter(|m| m.state == pacer_budget::MemberState::Live)
+            .map(|m| m.member.as_str())
+            .collect()
+    }
+}
+
 /// A `pacer coordinator` child serving one budget (`default/NAME`) from a file in a
 /// fresh temporary folder, with the token file the replicas read.
 struct Coordinator {
@@ -68,6 +120,69 @@ impl Coordinator {
             token,
             port,
             process,
+        }
+    }
+
+    /// The budget as the coordinator sees it (`GET /v1/budgets/default/NAME`).
+    async fn snapshot(&self) -> Option<pacer_budget::Snapshot> {
+        reqwest::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{}/v1/budgets/default/{}",
+                self.port, self.name
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
+    /// The replicas serving admin endpoints on `admin_ports` and this coordinator's
+    /// budget, now.
+    async fn view(&self, admin_ports: &[u16]) -> FleetView {
+        let mut replicas = Vec::new();
+        for port in admin_ports {
+            let r = match scrape(*port).await {
+                Some(m) => ReplicaView {
+                    granted_rate: metric(&m, "pacer_granted_rate"),
+                    assigned_partitions: metric(&m, "pacer_assigned_partitions"),
+                    buffer_messages: metric(&m, "pacer_buffer_messages"),
+                    fallback: metric(&m, "pacer_fallback"),
+                },
+                None => ReplicaView::default(),
+            };
+            replicas.push(r);
+        }
+        FleetView {
+            replicas,
+            budget: self.snapshot().await,
+        }
+    }
+
+    /// Polls the fleet (every 100 ms) until `cond` holds; fails after `timeout`,
+    /// showing the last view.
+    async fn await_view(
+        &self,
+        what: &str,
+        timeout: Duration,
+        admin_ports: &[u16],
+        cond: impl Fn(&FleetView) -> bool,
+    ) -> FleetView {
+        let until = Instant::now() + timeout;
+        loop {
+            let view = self.view(admin_ports).await;
+            if cond(&view) {
+                return view;
+            }
+            assert!(
+                Instant::now() < until,
+                "timed out after {timeout:?} waiting for {what}; last seen: {view:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -142,11 +257,22 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         state.delivered_count() >= 100
     })
     .await;
-    // Steady state: let leases and the group settle, then measure.
-    wait_for("settling", Duration::from_secs(10), || {
-        state.delivered_count() >= 100 + 2 * BUDGET as usize
-    })
-    .await;
+    // Steady state: all three replicas leased, their grants adding up to the budget,
+    // and the group's assignment complete; then measure.
+    coordinator
+        .await_view(
+            "three leased replicas sharing the budget and all six partitions",
+            Duration::from_secs(20),
+            &admin_ports,
+            |v| {
+                v.live_members().len() == 3
+                    && v.all_leased()
+                    && v.assigned_all(6)
+                    && v.granted_rate()
+                        .is_some_and(|r| (r - BUDGET).abs() <= 0.01 * BUDGET)
+            },
+        )
+        .await;
     let from = Instant::now();
     wait_for("4 s of fleet deliveries", Duration::from_secs(10), || {
         from.elapsed() >= Duration::from_secs(4)
@@ -177,14 +303,29 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         .await
         .unwrap();
     assert_eq!(code, Some(0));
-    // Group rebalance (session) and lease refresh: give it a few seconds.
-    let after = Instant::now();
-    wait_for(
-        "the two remaining replicas to settle",
-        Duration::from_secs(20),
-        || after.elapsed() >= Duration::from_secs(4),
-    )
-    .await;
+    // Wait until the leaver's lease is gone from the coordinator, the two remaining
+    // replicas' grants add up to the whole budget again, and the group has handed them
+    // all six partitions.
+    let remaining = &admin_ports[1..];
+    let left = Instant::now();
+    coordinator
+        .await_view(
+            "the two remaining replicas to take over the leaver's share and partitions",
+            Duration::from_secs(20),
+            remaining,
+            |v| {
+                v.budget
+                    .as_ref()
+                    .is_some_and(|s| s.members.iter().all(|m| m.member != "replica-0"))
+                    && v.live_members().len() == 2
+                    && v.all_leased()
+                    && v.assigned_all(6)
+                    && v.granted_rate()
+                        .is_some_and(|r| (r - BUDGET).abs() <= 0.01 * BUDGET)
+            },
+        )
+        .await;
+    eprintln!("the remaining replicas took over in {:?}", left.elapsed());
     let from = Instant::now();
     wait_for(
         "4 s of two-replica deliveries",
@@ -213,19 +354,34 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     );
     coordinator.process.signal(libc::SIGHUP);
     let raised = Instant::now();
-    wait_for(
-        "the raised budget to reach the replicas",
-        Duration::from_secs(10),
-        || raised.elapsed() >= Duration::from_secs(2),
-    )
-    .await;
+    coordinator
+        .await_view(
+            "the raised budget to reach the replicas",
+            Duration::from_secs(10),
+            remaining,
+            |v| {
+                v.budget
+                    .as_ref()
+                    .is_some_and(|s| s.capacity.rate == 2.0 * BUDGET)
+                    && v.granted_rate()
+                        .is_some_and(|r| (r - 2.0 * BUDGET).abs() <= 0.01 * 2.0 * BUDGET)
+            },
+        )
+        .await;
     let from = Instant::now();
+    eprintln!(
+        "the raised budget reached the replicas in {:?}",
+        from - raised
+    );
     wait_for("3 s at the raised budget", Duration::from_secs(10), || {
         from.elapsed() >= Duration::from_secs(3)
     })
     .await;
     let doubled = rate_between(&sink, from, 3);
-    let windows: Vec<usize> = (0..5)
+    // Whole 1-s windows from the reload to the end of the measurement: the re-rate
+    // happened inside them.
+    let covered = (from + Duration::from_secs(3) - raised).as_secs();
+    let windows: Vec<usize> = (0..covered)
         .map(|w| {
             let a = raised + Duration::from_secs(w);
             sink.state
@@ -296,13 +452,14 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
     kafka.produce("skew", 1, 0..2000, 50, |_| None);
     let sink = TestSink::ok().await;
     let coordinator = Coordinator::start("skew", "skew", 2);
+    let admin_ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
     let replicas: Vec<Pacer> = (0..2)
         .map(|i| {
             Pacer::spawn(&coordinator.replica_args(
                 &kafka,
                 "skew",
                 &sink,
-                "127.0.0.1:0",
+                &format!("127.0.0.1:{}", admin_ports[i]),
                 &format!("skew-{i}"),
             ))
         })
@@ -314,12 +471,30 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
         || state.delivered_count() >= 50,
     )
     .await;
-    // Demand is reported every second and smoothed: give it a few refreshes.
+    // Demand is reported every second and smoothed: wait until the group is settled
+    // (one partition each) and the replica holding the backlog (a non-empty buffer; the
+    // idle one's stays empty) has been granted nearly the whole budget.
     let settle = Instant::now();
-    wait_for("demand to settle", Duration::from_secs(10), || {
-        settle.elapsed() >= Duration::from_secs(4)
-    })
-    .await;
+    coordinator
+        .await_view(
+            "the busy replica to be granted most of the budget",
+            Duration::from_secs(15),
+            &admin_ports,
+            |v| {
+                let busy: Vec<&ReplicaView> = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.buffer_messages.is_some_and(|n| n > 0.0))
+                    .collect();
+                v.assigned_all(2)
+                    && v.all_leased()
+                    && busy.len() == 1
+                    && v.replicas.iter().all(|r| r.buffer_messages.is_some())
+                    && busy[0].granted_rate.is_some_and(|r| r >= 0.9 * BUDGET)
+            },
+        )
+        .await;
+    eprintln!("demand settled in {:?}", settle.elapsed());
     let from = Instant::now();
     wait_for("3 s of deliveries", Duration::from_secs(10), || {
         from.elapsed() >= Duration::from_secs(3)
