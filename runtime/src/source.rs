@@ -361,7 +361,7 @@ fn poll_loop(
     let mut paused = false;
     let mut last_store = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
-    let mut full_since: Option<Instant> = None;
+    let mut holding_since: Option<Instant> = None;
     // Reused across polls (one allocation, not one per poll batch).
     let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
     // The Kafka headers of each message in `borrowed`.
@@ -383,11 +383,14 @@ fn poll_loop(
                 }
             }
         }
-        // Back-pressure. A full buffer first stops polling for messages (the dispatcher
-        // usually frees room within milliseconds); only a buffer that stays full for
-        // PAUSE_AFTER pauses the partitions, because every pause/resume cycle discards
-        // librdkafka's prefetch and costs a fetch round trip (pausing at once capped a
-        // null sink at ~1,200 msg/s in the debug build).
+        // Back-pressure. A full buffer first stops polling for messages until it drains
+        // to the refill mark (the dispatcher usually frees room within milliseconds);
+        // only when that holding lasts PAUSE_AFTER are the partitions paused, because
+        // every pause/resume cycle discards librdkafka's prefetch and costs a fetch
+        // round trip (pausing at once capped a null sink at ~1,200 msg/s in the debug
+        // build). Holding, not fullness, starts the clock: a stalled sink leaves the
+        // buffer just below full (its in-flight messages were taken out after it
+        // filled), and timing fullness then never paused at all.
         let (full, low, refill, room, byte_room) = {
             let core = shared.lock();
             (
@@ -399,15 +402,17 @@ fn poll_loop(
             )
         };
         if full {
-            full_since.get_or_insert_with(Instant::now);
             holding = true;
-        } else {
-            full_since = None;
         }
         if refill {
             holding = false;
         }
-        let stalled = full_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
+        if holding {
+            holding_since.get_or_insert_with(Instant::now);
+        } else {
+            holding_since = None;
+        }
+        let stalled = holding_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
         let changed = consumer
             .context()
             .assignment_changed

@@ -131,6 +131,7 @@ impl Coordinator {
                 self.port, self.name
             ))
             .bearer_auth(TOKEN)
+            .timeout(Duration::from_secs(2))
             .send()
             .await
             .ok()?

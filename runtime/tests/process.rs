@@ -344,18 +344,32 @@ async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_
     let until = Instant::now() + Duration::from_secs(60);
     // Watch the stalled replica for 8 s after its partitions are paused.
     let mut paused_at: Option<Instant> = None;
+    let (mut scrapes_failed, mut last) = (0, String::new());
     while Instant::now() < until && paused_at.is_none_or(|t| t.elapsed() < Duration::from_secs(8)) {
         max_rss = max_rss.max(p.rss_kib().unwrap_or(0));
-        if let Some(m) = scrape(port).await {
-            max_buffer = max_buffer.max(metric(&m, "pacer_buffer_messages").unwrap_or(0.0));
-            paused = metric(&m, "pacer_paused_partitions").unwrap_or(0.0);
-            if paused > 0.0 && paused_at.is_none() {
-                paused_at = Some(Instant::now());
+        match scrape(port).await {
+            Some(m) => {
+                max_buffer = max_buffer.max(metric(&m, "pacer_buffer_messages").unwrap_or(0.0));
+                paused = metric(&m, "pacer_paused_partitions").unwrap_or(0.0);
+                if paused > 0.0 && paused_at.is_none() {
+                    paused_at = Some(Instant::now());
+                }
+                last = m;
             }
+            None => scrapes_failed += 1,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(paused_at.is_some(), "the partitions were never paused");
+    let pacer_lines: Vec<&str> = last
+        .lines()
+        .filter(|l| l.starts_with("pacer_") && !l.contains("_bucket") && !l.contains("lag"))
+        .collect();
+    assert!(
+        paused_at.is_some(),
+        "the partitions were never paused; {scrapes_failed} scrapes failed; sink holds {}; last metrics:\n{}",
+        sink.state.current.load(Ordering::SeqCst),
+        pacer_lines.join("\n")
+    );
     assert_eq!(paused, 64.0);
     assert!(max_buffer <= 1000.0, "buffer reached {max_buffer} > 1000");
     assert_eq!(

@@ -519,7 +519,11 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// Fetches `/metrics` of a child's admin port.
 pub async fn scrape(port: u16) -> Option<String> {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        // A hung replica must fail the wait around this, not hang it.
+        .timeout(Duration::from_secs(2))
+        .send()
         .await
         .ok()?
         .text()
