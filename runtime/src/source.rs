@@ -391,7 +391,7 @@ fn poll_loop(
         // build). Holding, not fullness, starts the clock: a stalled sink leaves the
         // buffer just below full (its in-flight messages were taken out after it
         // filled), and timing fullness then never paused at all.
-        let (full, low, refill, room, byte_room) = {
+        let (full, low, refill, room, byte_room, share) = {
             let core = shared.lock();
             (
                 core.buffer.is_full(),
@@ -399,6 +399,8 @@ fn poll_loop(
                 core.buffer.below_refill_mark(),
                 core.buffer.room(),
                 core.buffer.byte_room(),
+                // A partition's share of the buffer (see `Buffer::holds`).
+                (core.buffer.max_messages() / core.assigned.len().max(1)).max(1),
             )
         };
         if full {
@@ -433,7 +435,6 @@ fn poll_loop(
                 if changed {
                     held.retain(|tp| core.assigned.contains_key(tp));
                 }
-                let share = core.buffer.max_messages() / core.assigned.len().max(1);
                 core.buffer
                     .holds(share, &held, |tp| core.assigned.contains_key(tp))
             };
@@ -462,7 +463,14 @@ fn poll_loop(
         // The batch ends at the message room or once its bytes reach the byte room, so
         // the buffer goes over `buffer_bytes` by less than one message (without the
         // byte check, one batch of 64 KiB messages filled a 512 KiB buffer to 1.9 MB).
-        let limit = room.clamp(1, MAX_BATCH);
+        // With holds, a batch takes at most one partition's share: librdkafka hands
+        // over long runs of one partition, and a batch the size of the buffer would
+        // fill it with that partition before it could be held.
+        let limit = if hold_partitions {
+            room.min(share).clamp(1, MAX_BATCH)
+        } else {
+            room.clamp(1, MAX_BATCH)
+        };
         let mut timeout = POLL_TIMEOUT;
         let mut batch_bytes = 0;
         borrowed.clear();

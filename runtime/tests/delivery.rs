@@ -767,7 +767,7 @@ async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offs
 /// flight. librdkafka hands over long runs of one partition, so without holding back a
 /// partition that has its share of the buffer, a small buffer held one to three
 /// partitions at a time: 81 msg/s here, at most 3 in flight, where 8 / 20 ms = 400
-/// msg/s is possible; with holds 217-232 msg/s and all 8 in flight (debug build).
+/// msg/s is possible; with holds 319-336 msg/s and all 8 in flight (debug build).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_ordering_keeps_every_partition_busy_with_a_small_buffer() {
     let kafka = Kafka::new();
