@@ -529,7 +529,8 @@ async fn a_second_signal_during_the_grace_period_exits_at_once() {
             "60s",
         ],
     );
-    let mut p = Pacer::spawn(&args);
+    let log = tmp("twice");
+    let mut p = spawn_logged(&args, &log);
     let state = sink.state.clone();
     wait_for(
         "a request held by the stalled sink",
@@ -538,12 +539,19 @@ async fn a_second_signal_during_the_grace_period_exits_at_once() {
     )
     .await;
     p.signal(libc::SIGTERM);
-    // The first signal waits for in-flight work (up to 60 s here)...
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first signal starts the shutdown...
+    wait_for("the shutdown to start", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("Shutting down"))
+    })
+    .await;
+    // ...which waits for in-flight work (up to 60 s here): watched for 300 ms after it
+    // began (an exit can only be ruled out over some time).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         p.child.try_wait().unwrap().is_none(),
         "exited before the grace period"
     );
+    let _ = std::fs::remove_file(&log);
     // ...the second one does not.
     let sent = Instant::now();
     p.signal(libc::SIGTERM);
