@@ -419,6 +419,10 @@ fn poll_loop(
             .context()
             .assignment_changed
             .swap(false, AtomicOrdering::Relaxed);
+        if changed && !held.is_empty() {
+            let core = shared.lock();
+            held.retain(|tp| core.assigned.contains_key(tp));
+        }
         let want_paused = p == DRAINING || stalled || (paused && !low);
         if want_paused && (!paused || changed) {
             set_paused(&consumer, &shared, true);
@@ -428,13 +432,11 @@ fn poll_loop(
             paused = false;
             // Resuming everything resumed the held partitions too.
             pause_some(&consumer, &held, true);
+            shared.metrics.paused_partitions.set(held.len() as i64);
         }
         if hold_partitions && !paused {
             let (hold, release) = {
                 let core = shared.lock();
-                if changed {
-                    held.retain(|tp| core.assigned.contains_key(tp));
-                }
                 core.buffer
                     .holds(share, &held, |tp| core.assigned.contains_key(tp))
             };
