@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// Where the coordinator is and who this replica is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// `http://host:port` of the coordinator.
     pub base_url: String,
@@ -36,6 +36,19 @@ pub struct ClientConfig {
     pub name: String,
     pub token: String,
     pub member: String,
+}
+
+/// Without the token: a logged config must not leak the budget's credential.
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &self.base_url)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("token", &"<redacted>")
+            .field("member", &self.member)
+            .finish()
+    }
 }
 
 /// What the replica reports each refresh.

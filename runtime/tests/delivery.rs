@@ -40,10 +40,7 @@ async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit()
     .await;
     let t0 = Instant::now();
     let n0 = state.delivered_count();
-    wait_for("3 s of deliveries", Duration::from_secs(10), || {
-        t0.elapsed() >= Duration::from_secs(3)
-    })
-    .await;
+    measure_until(t0, Duration::from_secs(3)).await;
     let n1 = state.delivered_count();
     let rate = (n1 - n0) as f64 / t0.elapsed().as_secs_f64();
     r.stop().await;

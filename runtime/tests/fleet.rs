@@ -275,10 +275,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         )
         .await;
     let from = Instant::now();
-    wait_for("4 s of fleet deliveries", Duration::from_secs(10), || {
-        from.elapsed() >= Duration::from_secs(4)
-    })
-    .await;
+    measure_until(from, Duration::from_secs(4)).await;
     let together = rate_between(&sink, from, 4);
     let per_replica: Vec<usize> = {
         let mut by_partition = [0usize; 6];
@@ -328,12 +325,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         .await;
     eprintln!("the remaining replicas took over in {:?}", left.elapsed());
     let from = Instant::now();
-    wait_for(
-        "4 s of two-replica deliveries",
-        Duration::from_secs(10),
-        || from.elapsed() >= Duration::from_secs(4),
-    )
-    .await;
+    measure_until(from, Duration::from_secs(4)).await;
     let two = rate_between(&sink, from, 4);
     eprintln!("2 replicas: {two:.1} msg/s (budget {BUDGET})");
     assert!(
@@ -374,10 +366,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         "the raised budget reached the replicas in {:?}",
         from - raised
     );
-    wait_for("3 s at the raised budget", Duration::from_secs(10), || {
-        from.elapsed() >= Duration::from_secs(3)
-    })
-    .await;
+    measure_until(from, Duration::from_secs(3)).await;
     let doubled = rate_between(&sink, from, 3);
     // Whole 1-s windows from the reload to the end of the measurement: the re-rate
     // happened inside them.
@@ -429,10 +418,7 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
         "no replica reported running on its fallback share"
     );
     let from = Instant::now();
-    wait_for("1 s on the fallback share", Duration::from_secs(5), || {
-        from.elapsed() >= Duration::from_secs(1)
-    })
-    .await;
+    measure_until(from, Duration::from_secs(1)).await;
     let on_fallback = rate_between(&sink, from, 1);
     eprintln!("coordinator gone: {on_fallback:.1} msg/s on fallback shares");
     assert!(
@@ -497,10 +483,7 @@ async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_
         .await;
     eprintln!("demand settled in {:?}", settle.elapsed());
     let from = Instant::now();
-    wait_for("3 s of deliveries", Duration::from_secs(10), || {
-        from.elapsed() >= Duration::from_secs(3)
-    })
-    .await;
+    measure_until(from, Duration::from_secs(3)).await;
     let busy = rate_between(&sink, from, 3);
     eprintln!("one busy replica of two: {busy:.1} msg/s of {BUDGET}");
     // With an equal split it would get half; with demand it gets nearly all.

@@ -518,6 +518,12 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 /// Fetches `/metrics` of a child's admin port.
+/// Lets `d` pass from `from`: the span over which a test counts deliveries. A fixed
+/// window is the measurement itself, not a stand-in for a condition.
+pub async fn measure_until(from: Instant, d: Duration) {
+    tokio::time::sleep_until((from + d).into()).await;
+}
+
 pub async fn scrape(port: u16) -> Option<String> {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/metrics"))
