@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use pacer_runtime::config::{BudgetSource, Ordering as Order, SinkSpec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit() {
-    let kafka = Kafka::new();
+on_both_brokers!(the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit);
+async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("inflight", 4);
     kafka.produce("inflight", 4, 0..400, 100, |_| None);
     let latency = Duration::from_millis(50);
@@ -61,9 +62,8 @@ async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_ordering_delivers_each_key_in_offset_order_without_overlap() {
-    let kafka = Kafka::new();
+on_both_brokers!(key_ordering_delivers_each_key_in_offset_order_without_overlap);
+async fn key_ordering_delivers_each_key_in_offset_order_without_overlap(kafka: Kafka<'static>) {
     kafka.topic("keys", 2);
     // 600 messages, 7 keys, spread over 2 partitions by the producer.
     kafka.produce("keys", 2, 0..600, 50, |i| {
@@ -127,9 +127,8 @@ async fn key_ordering_delivers_each_key_in_offset_order_without_overlap() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sink_failing_the_first_attempts_gets_every_message_after_retries() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_sink_failing_the_first_attempts_gets_every_message_after_retries);
+async fn a_sink_failing_the_first_attempts_gets_every_message_after_retries(kafka: Kafka<'static>) {
     kafka.topic("flaky", 2);
     kafka.produce("flaky", 2, 0..50, 20, |_| None);
     // Two 500s, then success, for every message.
@@ -164,9 +163,10 @@ async fn a_sink_failing_the_first_attempts_gets_every_message_after_retries() {
     assert_eq!(metric(&metrics, "pacer_dead_lettered_total"), Some(0.0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_moves_on() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_moves_on);
+async fn a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_moves_on(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("bad", 1);
     kafka.topic("bad-dlq", 1);
     kafka.produce("bad", 1, 0..30, 20, |_| None);
@@ -199,9 +199,10 @@ async fn a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_m
     assert_eq!(sink.state.requests(), 30);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redirect_is_not_followed_but_dead_lettered_as_a_permanent_failure() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_redirect_is_not_followed_but_dead_lettered_as_a_permanent_failure);
+async fn a_redirect_is_not_followed_but_dead_lettered_as_a_permanent_failure(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("moved", 1);
     kafka.topic("moved-dlq", 1);
     kafka.produce("moved", 1, 0..3, 20, |_| None);
@@ -229,9 +230,8 @@ async fn a_redirect_is_not_followed_but_dead_lettered_as_a_permanent_failure() {
     assert_eq!(sink.state.requests(), 3, "each redirect is tried once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_429_with_retry_after_is_retried_no_sooner_than_asked);
+async fn a_429_with_retry_after_is_retried_no_sooner_than_asked(kafka: Kafka<'static>) {
     kafka.topic("busy", 1);
     kafka.produce("busy", 1, 0..3, 20, |_| None);
     let sink = TestSink::start(Arc::new(|s| {
@@ -286,9 +286,10 @@ async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() {
     assert_eq!(metric(&metrics, "pacer_dead_lettered_total"), Some(0.0));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sink_that_times_out_is_retried_and_dead_lettered_after_max_attempts() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_sink_that_times_out_is_retried_and_dead_lettered_after_max_attempts);
+async fn a_sink_that_times_out_is_retried_and_dead_lettered_after_max_attempts(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("slow", 1);
     kafka.topic("slow-dlq", 1);
     kafka.produce("slow", 1, 0..4, 20, |_| None);
@@ -335,9 +336,10 @@ async fn a_sink_that_times_out_is_retried_and_dead_lettered_after_max_attempts()
     assert_eq!(dlq[0].1["pacer-attempts"], "3");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_dead_letter_topic_a_refused_message_is_held_and_blocks_its_offset() {
-    let kafka = Kafka::new();
+on_both_brokers!(without_a_dead_letter_topic_a_refused_message_is_held_and_blocks_its_offset);
+async fn without_a_dead_letter_topic_a_refused_message_is_held_and_blocks_its_offset(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("hold", 1);
     kafka.produce("hold", 1, 0..5, 20, |_| None);
     // Message 2 is refused until the "fix" flag flips.
@@ -411,9 +413,8 @@ async fn without_a_dead_letter_topic_a_refused_message_is_held_and_blocks_its_of
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn odd_records_are_delivered_intact() {
-    let kafka = Kafka::new();
+on_both_brokers!(odd_records_are_delivered_intact);
+async fn odd_records_are_delivered_intact(kafka: Kafka<'static>) {
     kafka.topic("odd", 1);
     let p = kafka.producer();
     use rdkafka::producer::{BaseRecord, Producer};
@@ -431,6 +432,7 @@ async fn odd_records_are_delivered_intact() {
         p.send(rec).map_err(|(e, _)| e).unwrap();
     }
     p.flush(Duration::from_secs(30)).unwrap();
+    p.context().assert_all_delivered();
     let sink = TestSink::ok().await;
     let r = InProcess::start(config(
         &kafka.bootstrap,
@@ -454,9 +456,10 @@ async fn odd_records_are_delivered_intact() {
     assert_eq!(seen[2].headers["ce-id"], "odd-0-2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost() {
-    let kafka = Kafka::new();
+on_both_brokers!(an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost);
+async fn an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("down", 1);
     kafka.produce("down", 1, 0..20, 20, |_| None);
     // Reserve a port with nothing listening, start the sink there later.
@@ -515,9 +518,10 @@ async fn an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost() 
     r.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metric() {
-    let kafka = Kafka::new();
+on_both_brokers!(the_admin_endpoints_report_liveness_readiness_and_every_documented_metric);
+async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metric(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("admin", 2);
     kafka.produce("admin", 2, 0..20, 20, |_| None);
     let sink = TestSink::ok().await;
@@ -588,9 +592,8 @@ async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metr
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kafka_sink_relays_values_and_headers_to_another_topic() {
-    let kafka = Kafka::new();
+on_both_brokers!(the_kafka_sink_relays_values_and_headers_to_another_topic);
+async fn the_kafka_sink_relays_values_and_headers_to_another_topic(kafka: Kafka<'static>) {
     kafka.topic("relay-in", 2);
     kafka.topic("relay-out", 1);
     let p = kafka.producer();
@@ -631,9 +634,8 @@ async fn the_kafka_sink_relays_values_and_headers_to_another_topic() {
     assert!(out.iter().all(|(_, h)| h["trace"] == "t-1"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_change_resizes_the_in_flight_limit_live() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_lease_change_resizes_the_in_flight_limit_live);
+async fn a_lease_change_resizes_the_in_flight_limit_live(kafka: Kafka<'static>) {
     kafka.topic("slots", 4);
     kafka.produce("slots", 4, 0..2000, 20, |_| None);
     let sink = TestSink::start(std::sync::Arc::new(|_| Reply {
@@ -703,9 +705,10 @@ async fn a_lease_change_resizes_the_in_flight_limit_live() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offset_order() {
-    let kafka = Kafka::new();
+on_both_brokers!(partition_ordering_delivers_one_message_per_partition_at_a_time_in_offset_order);
+async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offset_order(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("parts", 3);
     kafka.produce("parts", 3, 0..150, 20, |_| None);
     let sink = TestSink::start(Arc::new(|s| Reply {
@@ -760,14 +763,13 @@ async fn partition_ordering_delivers_one_message_per_partition_at_a_time_in_offs
     );
 }
 
+on_both_brokers!(partition_ordering_keeps_every_partition_busy_with_a_small_buffer);
 /// With `partition` ordering only partitions that have messages buffered can have one in
 /// flight. librdkafka hands over long runs of one partition, so without holding back a
 /// partition that has its share of the buffer, a small buffer held one to three
 /// partitions at a time: 81 msg/s here, at most 3 in flight, where 8 / 20 ms = 400
 /// msg/s is possible; with holds 319-336 msg/s and all 8 in flight (debug build).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partition_ordering_keeps_every_partition_busy_with_a_small_buffer() {
-    let kafka = Kafka::new();
+async fn partition_ordering_keeps_every_partition_busy_with_a_small_buffer(kafka: Kafka<'static>) {
     kafka.topic("spread", 8);
     const N: usize = 2400;
     kafka.produce("spread", 8, 0..N, 100, |_| None);
@@ -809,9 +811,10 @@ async fn partition_ordering_keeps_every_partition_busy_with_a_small_buffer() {
     assert!(rate >= 160.0, "{rate:.0} msg/s: partitions sat idle");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_topic_that_does_not_exist_yet_is_reported_then_consumed_once_it_appears() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_topic_that_does_not_exist_yet_is_reported_then_consumed_once_it_appears);
+async fn a_topic_that_does_not_exist_yet_is_reported_then_consumed_once_it_appears(
+    kafka: Kafka<'static>,
+) {
     let sink = TestSink::ok().await;
     let r = InProcess::start(config(
         &kafka.bootstrap,

@@ -230,10 +230,12 @@ impl Coordinator {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_brokers!(
+    leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_and_a_coordinator_crash
+);
 async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_and_a_coordinator_crash(
+    kafka: Kafka<'static>,
 ) {
-    let kafka = Kafka::new();
     kafka.topic("fleet", 6);
     kafka.produce("fleet", 6, 0..3000, 50, |_| None);
     let sink = TestSink::ok().await;
@@ -431,9 +433,10 @@ async fn leased_replicas_keep_the_global_budget_through_a_leave_a_budget_reload_
     let _ = std::fs::remove_dir_all(&coordinator.dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_budget() {
-    let kafka = Kafka::new();
+on_both_brokers!(an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_budget);
+async fn an_idle_replica_reports_little_demand_so_the_busy_one_gets_most_of_the_budget(
+    kafka: Kafka<'static>,
+) {
     // Two partitions, two replicas, and a backlog in partition 0 only.
     kafka.topic("skew", 2);
     kafka.produce("skew", 1, 0..2000, 50, |_| None);

@@ -12,14 +12,17 @@ use std::time::{Duration, Instant};
 use common::*;
 use pacer_runtime::config::{BudgetSource, SinkSpec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_within_the_rate() {
+on_both_brokers!(
+    retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_within_the_rate
+);
+async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_within_the_rate(
+    kafka: Kafka<'static>,
+) {
     const RATE: u32 = 20;
     const BURST: u32 = 1;
     // 50 messages, two requests each: 100 requests, 5 s at the rate.
     const N: usize = 50;
     const WINDOWS: usize = 4;
-    let kafka = Kafka::new();
     kafka.topic("retry-rate", 2);
     kafka.produce("retry-rate", 2, 0..N, 20, |_| None);
     // The first request for each offset fails; the second succeeds.
@@ -120,12 +123,13 @@ async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes() {
+on_both_brokers!(a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes);
+async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes(
+    kafka: Kafka<'static>,
+) {
     const MSG: usize = 64 * 1024;
     const BOUND: usize = 512 * 1024;
     const N: usize = 40;
-    let kafka = Kafka::new();
     kafka.topic("bytes", 2);
     // Values only (no key, no headers), so each message is exactly MSG bytes.
     kafka.produce("bytes", 2, 0..N, MSG, |_| None);

@@ -171,9 +171,10 @@ fn ids(sink: &TestSink) -> HashMap<usize, usize> {
     m
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicates() {
-    let kafka = Kafka::new();
+on_both_brokers!(after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicates);
+async fn after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicates(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("kill", 8);
     const N: usize = 12_000;
     kafka.produce("kill", 8, 0..N, 100, |_| None);
@@ -230,8 +231,7 @@ async fn after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicat
 /// ordering) buffered messages below offsets already delivered: the stopping replica
 /// finishes those gaps and its retries within the grace period, so its commit covers
 /// everything it delivered.
-async fn sigterm_then_new_replica(ordering: &str) {
-    let kafka = Kafka::new();
+async fn sigterm_then_new_replica(kafka: Kafka<'static>, ordering: &str) {
     let topic = format!("term-{ordering}");
     kafka.topic(&topic, 8);
     const N: usize = 4_000;
@@ -301,24 +301,29 @@ async fn sigterm_then_new_replica(ordering: &str) {
     assert_eq!(seen.len(), N);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigterm_a_new_replica_continues_without_a_single_duplicate() {
-    sigterm_then_new_replica("none").await;
+on_both_brokers!(after_sigterm_a_new_replica_continues_without_a_single_duplicate);
+async fn after_sigterm_a_new_replica_continues_without_a_single_duplicate(kafka: Kafka<'static>) {
+    sigterm_then_new_replica(kafka, "none").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigterm_with_key_ordering_no_message_is_delivered_twice() {
-    sigterm_then_new_replica("key").await;
+on_both_brokers!(after_sigterm_with_key_ordering_no_message_is_delivered_twice);
+async fn after_sigterm_with_key_ordering_no_message_is_delivered_twice(kafka: Kafka<'static>) {
+    sigterm_then_new_replica(kafka, "key").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_sigterm_with_partition_ordering_no_message_is_delivered_twice() {
-    sigterm_then_new_replica("partition").await;
+on_both_brokers!(after_sigterm_with_partition_ordering_no_message_is_delivered_twice);
+async fn after_sigterm_with_partition_ordering_no_message_is_delivered_twice(
+    kafka: Kafka<'static>,
+) {
+    sigterm_then_new_replica(kafka, "partition").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_it_recovers() {
-    let kafka = Kafka::new();
+on_both_brokers!(
+    a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_it_recovers
+);
+async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_it_recovers(
+    kafka: Kafka<'static>,
+) {
     // 200,000 x 1 KiB: 64 partitions keep each under the mock broker's 5 MiB retention.
     kafka.topic("stall", 64);
     kafka.produce("stall", 64, 0..200_000, 1024, |_| None);
@@ -424,9 +429,12 @@ async fn a_stalled_sink_pauses_partitions_keeps_memory_bounded_and_resumes_when_
     let _ = std::fs::remove_file(&log);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdown_is_clean() {
-    let kafka = Kafka::new();
+on_both_brokers!(
+    an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdown_is_clean
+);
+async fn an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdown_is_clean(
+    kafka: Kafka<'static>,
+) {
     for (name, bootstrap, topic) in [
         ("nobroker", "127.0.0.1:1".to_string(), "t"),
         ("notopic", kafka.bootstrap.clone(), "does-not-exist"),
@@ -463,9 +471,8 @@ async fn an_unreachable_broker_or_missing_topic_is_reported_not_fatal_and_shutdo
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stdout_sink_writes_one_value_per_line() {
-    let kafka = Kafka::new();
+on_both_brokers!(the_stdout_sink_writes_one_value_per_line);
+async fn the_stdout_sink_writes_one_value_per_line(kafka: Kafka<'static>) {
     kafka.topic("out", 1);
     kafka.produce("out", 1, 0..5, 8, |_| None);
     let args = run_args(
@@ -508,9 +515,8 @@ async fn the_stdout_sink_writes_one_value_per_line() {
     assert_eq!(lines, (0..5).map(|i| format!("{i:08}")).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_during_the_grace_period_exits_at_once() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_second_signal_during_the_grace_period_exits_at_once);
+async fn a_second_signal_during_the_grace_period_exits_at_once(kafka: Kafka<'static>) {
     kafka.topic("twice", 1);
     kafka.produce("twice", 1, 0..50, 8, |_| None);
     let sink = TestSink::ok().await;

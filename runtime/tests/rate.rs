@@ -26,10 +26,12 @@ fn windows(starts: &[Instant], from: Instant, n: usize) -> Vec<usize> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+on_both_brokers!(
+    the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_above_rate_plus_burst
+);
 async fn the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_above_rate_plus_burst(
+    kafka: Kafka<'static>,
 ) {
-    let kafka = Kafka::new();
     for (rate, burst) in [(50u32, 1u32), (500, 5), (5000, 50)] {
         let topic = format!("rate-{rate}");
         kafka.topic(&topic, 8);

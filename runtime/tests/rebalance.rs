@@ -11,9 +11,12 @@ use std::time::Duration;
 use common::*;
 use pacer_runtime::config::{BudgetSource, SinkSpec};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message() {
-    let kafka = Kafka::new();
+on_both_brokers!(
+    replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message
+);
+async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message(
+    kafka: Kafka<'static>,
+) {
     kafka.topic("reb", 6);
     const N: usize = 4_800;
     const STUCK: usize = 1_000;

@@ -15,9 +15,8 @@ fn starts(sink: &TestSink) -> Vec<Instant> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_change_re_rates_at_once_and_releases_no_burst() {
-    let kafka = Kafka::new();
+on_both_brokers!(a_lease_change_re_rates_at_once_and_releases_no_burst);
+async fn a_lease_change_re_rates_at_once_and_releases_no_burst(kafka: Kafka<'static>) {
     kafka.topic("rerate", 4);
     kafka.produce("rerate", 4, 0..3000, 50, |_| None);
     let sink = TestSink::ok().await;

@@ -1,5 +1,5 @@
-//! Test fixtures: an embedded Kafka broker (librdkafka's mock cluster), a producer, a
-//! recording HTTP sink on port 0, replicas run in-process or as `pacer` child processes,
+//! Test fixtures: the broker (`pacer_tests::Kafka`: librdkafka's mock cluster or Apache
+//! Kafka), a recording HTTP sink on port 0, replicas run in-process or as `pacer` child processes,
 //! and a bounded wait helper.
 #![allow(dead_code)]
 
@@ -19,116 +19,9 @@ use axum::Router;
 use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
 use pacer_runtime::lease::Allowance;
 use pacer_runtime::{ReplicaHandle, RunError, RunSummary};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
-use rdkafka::ClientConfig;
 use tokio::sync::{oneshot, watch};
 
-/// An embedded broker. Not `Send`: keep it on the test's thread.
-pub struct Kafka {
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
-    pub bootstrap: String,
-}
-
-impl Kafka {
-    pub fn new() -> Kafka {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let bootstrap = cluster.bootstrap_servers();
-        Kafka { cluster, bootstrap }
-    }
-
-    pub fn topic(&self, name: &str, partitions: i32) {
-        self.cluster
-            .create_topic(name, partitions, 1)
-            .expect("create topic");
-    }
-
-    pub fn producer(&self) -> BaseProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("queue.buffering.max.kbytes", "1048576")
-            .set("message.max.bytes", "2000000")
-            .create()
-            .expect("producer")
-    }
-
-    /// Produces `n` messages: message `i` goes to partition `i % partitions` with key
-    /// `key(i)` and a value starting with its id `i` (8 digits), padded to `size`.
-    pub fn produce(
-        &self,
-        topic: &str,
-        partitions: i32,
-        range: std::ops::Range<usize>,
-        size: usize,
-        key: impl Fn(usize) -> Option<Vec<u8>>,
-    ) {
-        let p = self.producer();
-        for i in range {
-            let mut value = format!("{i:08}").into_bytes();
-            value.resize(size.max(8), b'.');
-            let k = key(i);
-            loop {
-                let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic)
-                    .partition((i % partitions as usize) as i32)
-                    .payload(&value[..]);
-                if let Some(k) = &k {
-                    rec = rec.key(&k[..]);
-                }
-                match p.send(rec) {
-                    Ok(()) => break,
-                    Err((e, _)) => {
-                        assert!(e.to_string().contains("Queue full"), "produce failed: {e}");
-                        p.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-        }
-        p.flush(Duration::from_secs(60)).expect("flush");
-    }
-
-    /// Reads every message of `topic` (e.g. a dead-letter topic) within `timeout`,
-    /// returning (value, headers).
-    pub fn read_all(
-        &self,
-        topic: &str,
-        expect: usize,
-        timeout: Duration,
-    ) -> Vec<(Vec<u8>, HashMap<String, String>)> {
-        use rdkafka::message::{Headers, Message};
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("group.id", format!("reader-{topic}"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .expect("consumer");
-        c.subscribe(&[topic]).expect("subscribe");
-        let until = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while out.len() < expect && Instant::now() < until {
-            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push((m.payload().unwrap_or_default().to_vec(), headers));
-            }
-        }
-        out
-    }
-}
+pub use pacer_tests::{on_both_brokers, Kafka};
 
 /// What the test sink saw for one request.
 #[derive(Debug, Clone)]
