@@ -97,6 +97,7 @@ fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec, in_flight: 
         topics: vec![topic.to_string()],
         group_id: group.to_string(),
         kafka_config: Vec::new(),
+        group_protocol: Default::default(),
         budget: BudgetSource::Standalone {
             rate: f64::INFINITY,
             in_flight,

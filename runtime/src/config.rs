@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pacer_budget::client::ClientConfig;
+pub use pacer_rules::GroupProtocol;
 
 /// `pacer`: one replica of a globally throttled Kafka consumer fleet.
 #[derive(Debug, Parser)]
@@ -62,6 +63,11 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub kafka_config: Vec<String>,
+    /// Consumer-group protocol: `classic` (JoinGroup/SyncGroup with the cooperative-sticky
+    /// assignor, any Kafka) or `consumer` (KIP-848, Kafka 4.0+: the broker assigns and
+    /// sets the session and heartbeat times).
+    #[arg(long, env = "PACER_GROUP_PROTOCOL", default_value = "classic", value_parser = group_protocol)]
+    pub group_protocol: GroupProtocol,
 
     /// Coordinator base URL (`http://host:port`); with it the budget is leased.
     #[arg(long, env = "PACER_COORDINATOR", value_parser = http_url)]
@@ -204,6 +210,7 @@ pub struct RunConfig {
     pub topics: Vec<String>,
     pub group_id: String,
     pub kafka_config: Vec<(String, String)>,
+    pub group_protocol: GroupProtocol,
     pub budget: BudgetSource,
     pub burst: u32,
     pub ordering: Ordering,
@@ -245,6 +252,7 @@ impl RunArgs {
             topics,
             group_id,
             kafka_config,
+            group_protocol,
             coordinator,
             budget,
             token_file,
@@ -331,14 +339,12 @@ impl RunArgs {
         }
         let kafka_config =
             parse_kafka_config(&kafka_config).map_err(|m| invalid("--kafka-config", m))?;
-        let reserved = ["group.id", "bootstrap.servers", "enable.auto.offset.store"];
-        if let Some((k, _)) = kafka_config
-            .iter()
-            .find(|(k, _)| reserved.contains(&k.as_str()))
-        {
+        if let Some((k, why)) = kafka_config.iter().find_map(|(k, _)| {
+            pacer_rules::refused_kafka_property(k, group_protocol).map(|why| (k, why))
+        }) {
             return Err(invalid(
                 "--kafka-config",
-                format!("'{k}' is set by pacer itself (use the dedicated flag, or none: offsets are stored only after delivery)"),
+                format!("'{k}' {why} (with --group-protocol {group_protocol})"),
             ));
         }
         Ok(RunConfig {
@@ -346,6 +352,7 @@ impl RunArgs {
             topics,
             group_id,
             kafka_config,
+            group_protocol,
             budget,
             burst,
             ordering,
@@ -400,6 +407,10 @@ pub fn parse_kafka_config(pieces: &[String]) -> Result<Vec<(String, String)>, St
         }
     }
     Ok(out)
+}
+
+fn group_protocol(s: &str) -> Result<GroupProtocol, String> {
+    s.parse()
 }
 
 fn http_url(s: &str) -> Result<String, String> {

@@ -129,6 +129,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
                 ("session.timeout.ms".into(), "6000".into()),
                 ("heartbeat.interval.ms".into(), "500".into()),
             ],
+            group_protocol: Default::default(),
             budget: BudgetSource::Leased {
                 client: pacer_budget::client::ClientConfig {
                     base_url: format!("http://{coord_addr}"),

@@ -28,7 +28,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tracing::{debug, info, warn};
 
-use crate::config::{Ordering, RunConfig, SinkSpec};
+use crate::config::{GroupProtocol, Ordering, RunConfig, SinkSpec};
 use crate::hash::{FxHashMap, FxHashSet};
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
@@ -321,7 +321,6 @@ pub fn consumer_config(config: &RunConfig) -> ClientConfig {
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("queued.max.messages.kbytes", prefetch_kb.to_string())
         // After its prefetch queue was over the threshold, librdkafka waits this long
         // before fetching a partition again (default 1 s). A consumer that holds off
@@ -329,6 +328,14 @@ pub fn consumer_config(config: &RunConfig) -> ClientConfig {
         // null sink ran at 140k msg/s, at 10 ms at ~500k msg/s (release build).
         .set("fetch.queue.backoff.ms", "10")
         .set("statistics.interval.ms", "5000");
+    match config.group_protocol {
+        // Incremental rebalances: a join or leave moves only the partitions that change
+        // owner, and the others keep flowing (eager assignors stop the whole group).
+        GroupProtocol::Classic => c.set("partition.assignment.strategy", "cooperative-sticky"),
+        // The broker assigns (incrementally too); client-side assignors and timings are
+        // refused by librdkafka (and by `pacer_rules` before that).
+        GroupProtocol::Consumer => c.set("group.protocol", "consumer"),
+    };
     for (k, v) in &config.kafka_config {
         c.set(k, v);
     }
@@ -427,7 +434,10 @@ fn poll_loop(
         if want_paused && (!paused || changed) {
             set_paused(&consumer, &shared, true);
             paused = true;
-        } else if !want_paused && paused {
+        } else if !want_paused && (paused || changed) {
+            // After an assignment change too: a partition assigned again can still carry
+            // the pause it had when it was revoked (librdkafka keeps a partition's pause
+            // across revoke and re-assign under KIP-848: it was never fetched again).
             set_paused(&consumer, &shared, false);
             paused = false;
             // Resuming everything resumed the held partitions too.

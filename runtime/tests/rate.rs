@@ -88,7 +88,10 @@ async fn the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_ab
         .into_iter()
         .max()
         .unwrap_or(0) as f64;
-    eprintln!("{:?}: unlimited, the sink saw up to {ceiling} msg/s", kafka.broker);
+    eprintln!(
+        "{:?}: unlimited, the sink saw up to {ceiling} msg/s",
+        kafka.broker
+    );
     for (rate, burst) in [(50u32, 1u32), (500, 5), (5000, 50)] {
         // A backlog for well over the 5 s measured.
         let s = run_at(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, SinkSpec};
+use pacer_runtime::config::{BudgetSource, GroupProtocol, SinkSpec};
 
 on_both_brokers!(
     replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message
@@ -17,10 +17,26 @@ on_both_brokers!(
 async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message(
     kafka: Kafka<'static>,
 ) {
-    kafka.topic("reb", 6);
+    rebalance(kafka, GroupProtocol::Classic).await;
+}
+
+on_both_brokers!(with_the_consumer_group_protocol_replicas_joining_and_leaving_lose_nothing);
+/// The same scenario under KIP-848 (`group.protocol=consumer`).
+async fn with_the_consumer_group_protocol_replicas_joining_and_leaving_lose_nothing(
+    kafka: Kafka<'static>,
+) {
+    rebalance(kafka, GroupProtocol::Consumer).await;
+}
+
+async fn rebalance(kafka: Kafka<'static>, protocol: GroupProtocol) {
+    let (topic, group) = match protocol {
+        GroupProtocol::Classic => ("reb", "g-reb"),
+        GroupProtocol::Consumer => ("reb-848", "g-reb-848"),
+    };
+    kafka.topic(topic, 6);
     const N: usize = 4_800;
     const STUCK: usize = 1_000;
-    kafka.produce("reb", 6, 0..N, 100, |_| None);
+    kafka.produce(topic, 6, 0..N, 100, |_| None);
     // Message STUCK fails (500, no dead-letter topic: retried forever) until released.
     let release = Arc::new(AtomicBool::new(false));
     let rel = release.clone();
@@ -34,7 +50,10 @@ async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfi
     }))
     .await;
     let cfg = || {
-        let mut c = config(&kafka.bootstrap, "reb", "g-reb", SinkSpec::Http(sink.url()));
+        let mut c = with_protocol(
+            config(&kafka.bootstrap, topic, group, SinkSpec::Http(sink.url())),
+            protocol,
+        );
         c.budget = BudgetSource::Standalone {
             rate: 400.0,
             in_flight: 8,
@@ -64,10 +83,22 @@ async fn replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfi
     )
     .await;
     a.stop().await;
+    let mut last_report = std::time::Instant::now();
     wait_for(
         "every message but the stuck one",
         Duration::from_secs(90),
-        || delivered_ids(&sink).len() >= N - 1,
+        || {
+            let ids = delivered_ids(&sink);
+            if last_report.elapsed() > Duration::from_secs(5) {
+                last_report = std::time::Instant::now();
+                let mut missing = [0usize; 6];
+                for i in (0..N).filter(|i| !ids.contains(i)) {
+                    missing[i % 6] += 1;
+                }
+                eprintln!("{protocol}: not yet delivered, per partition: {missing:?}");
+            }
+            ids.len() >= N - 1
+        },
     )
     .await;
     let ids = delivered_ids(&sink);

@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
+use pacer_runtime::config::{
+    BudgetSource, GroupProtocol, Ordering as Order, RetryPolicy, RunConfig, SinkSpec,
+};
 use pacer_runtime::lease::Allowance;
 use pacer_runtime::{ReplicaHandle, RunError, RunSummary};
 use tokio::sync::{oneshot, watch};
@@ -211,6 +213,18 @@ pub fn fast_group() -> Vec<(String, String)> {
     .collect()
 }
 
+/// `c` speaking `protocol`. Under KIP-848 the broker sets the group timings (the test
+/// broker's `group.consumer.*` match [`fast_group`]), and librdkafka refuses them
+/// client-side.
+pub fn with_protocol(mut c: RunConfig, protocol: GroupProtocol) -> RunConfig {
+    c.group_protocol = protocol;
+    if protocol == GroupProtocol::Consumer {
+        c.kafka_config
+            .retain(|(k, _)| k != "session.timeout.ms" && k != "heartbeat.interval.ms");
+    }
+    c
+}
+
 /// A standalone, unlimited, unordered configuration delivering to `sink`.
 pub fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec) -> RunConfig {
     RunConfig {
@@ -218,6 +232,7 @@ pub fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec) -> RunC
         topics: vec![topic.to_string()],
         group_id: group.to_string(),
         kafka_config: fast_group(),
+        group_protocol: Default::default(),
         budget: BudgetSource::Standalone {
             rate: f64::INFINITY,
             in_flight: 16,
