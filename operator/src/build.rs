@@ -59,6 +59,7 @@ pub mod env {
     pub const TOPICS: &str = "PACER_TOPICS";
     pub const GROUP_ID: &str = "PACER_GROUP_ID";
     pub const KAFKA_CONFIG: &str = "PACER_KAFKA_CONFIG";
+    pub const GROUP_PROTOCOL: &str = "PACER_GROUP_PROTOCOL";
     pub const COORDINATOR: &str = "PACER_COORDINATOR";
     pub const BUDGET: &str = "PACER_BUDGET";
     pub const TOKEN_FILE: &str = "PACER_TOKEN_FILE";
@@ -76,11 +77,12 @@ pub mod env {
     pub const LOG_FORMAT: &str = "PACER_LOG_FORMAT";
 
     /// Every variable `pacer run` reads that the operator sets.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         BOOTSTRAP_SERVERS,
         TOPICS,
         GROUP_ID,
         KAFKA_CONFIG,
+        GROUP_PROTOCOL,
         COORDINATOR,
         BUDGET,
         TOKEN_FILE,
@@ -286,6 +288,10 @@ pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings)
         plain(env::BOOTSTRAP_SERVERS, spec.kafka.bootstrap_servers.clone()),
         plain(env::TOPICS, spec.kafka.topics.join(",")),
         plain(env::GROUP_ID, spec.kafka.group_id.clone()),
+        plain(
+            env::GROUP_PROTOCOL,
+            pacer_rules::GroupProtocol::from(spec.kafka.group_protocol).as_str(),
+        ),
     ]);
     if !kafka_config.is_empty() {
         out.push(plain(env::KAFKA_CONFIG, kafka_config.join(",")));
@@ -564,6 +570,7 @@ mod tests {
             ("PACER_BOOTSTRAP_SERVERS", "kafka-bootstrap.kafka:9092"),
             ("PACER_TOPICS", "orders"),
             ("PACER_GROUP_ID", "orders-sync"),
+            ("PACER_GROUP_PROTOCOL", "classic"),
             (
                 "PACER_KAFKA_CONFIG",
                 "sasl.mechanism=PLAIN,sasl.username=orders-sync,security.protocol=SASL_SSL,sasl.password=$(PACER_KAFKA_SECRET_0)",

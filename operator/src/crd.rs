@@ -133,6 +133,34 @@ pub struct KafkaSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub secret_config: Vec<SecretConfig>,
+
+    /// Consumer-group protocol: `classic` (any Kafka; cooperative-sticky assignor) or
+    /// `consumer` (KIP-848, Kafka 4.0 and later: the broker assigns partitions and sets
+    /// the session and heartbeat times, so `session.timeout.ms`,
+    /// `heartbeat.interval.ms` and `partition.assignment.strategy` are refused in
+    /// `config`).
+    #[serde(default)]
+    pub group_protocol: GroupProtocol,
+}
+
+/// The consumer-group protocol (see `pacer_rules::GroupProtocol`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// JoinGroup/SyncGroup with incremental (cooperative-sticky) rebalances.
+    #[default]
+    Classic,
+    /// KIP-848: broker-side assignment.
+    Consumer,
+}
+
+impl From<GroupProtocol> for pacer_rules::GroupProtocol {
+    fn from(p: GroupProtocol) -> Self {
+        match p {
+            GroupProtocol::Classic => pacer_rules::GroupProtocol::Classic,
+            GroupProtocol::Consumer => pacer_rules::GroupProtocol::Consumer,
+        }
+    }
 }
 
 /// A librdkafka property read from a Secret.

@@ -121,11 +121,17 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
             "must be 1 to 255 characters".to_string(),
         );
     }
+    let protocol = pacer_rules::GroupProtocol::from(k.group_protocol);
     for (key, value) in &k.config {
         if key.is_empty() || key.contains(',') || key.contains('=') || value.contains(',') {
             err(
                 &format!("spec.kafka.config[{key:?}]"),
                 "keys may not be empty or contain ',' or '=' and values may not contain ','".into(),
+            );
+        } else if let Some(why) = pacer_rules::refused_kafka_property(key, protocol) {
+            err(
+                &format!("spec.kafka.config[{key:?}]"),
+                format!("{why} (with groupProtocol {protocol})"),
             );
         }
     }
@@ -139,6 +145,11 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
             err(
                 &format!("spec.kafka.secretConfig[{i}].key"),
                 format!("{:?} is not a librdkafka property name (a-z 0-9 .)", s.key),
+            );
+        } else if let Some(why) = pacer_rules::refused_kafka_property(&s.key, protocol) {
+            err(
+                &format!("spec.kafka.secretConfig[{i}].key"),
+                format!("{why} (with groupProtocol {protocol})"),
             );
         }
         if s.secret_key_ref.name.is_empty() || s.secret_key_ref.key.is_empty() {
@@ -451,6 +462,8 @@ mod tests {
             ("/kafka/groupId", json!(""), "spec.kafka.groupId: must be 1 to 255 characters"),
             ("/kafka/config", json!({"bootstrap,servers": "x"}), r#"spec.kafka.config["bootstrap,servers"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
             ("/kafka/config", json!({"a=b": "x"}), r#"spec.kafka.config["a=b"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
+            ("/kafka/config", json!({"enable.auto.offset.store": "true"}), r#"spec.kafka.config["enable.auto.offset.store"]: is set by pacer itself: offsets are stored only after delivery (with groupProtocol classic)"#),
+            ("/kafka/config", json!({"group.protocol": "consumer"}), r#"spec.kafka.config["group.protocol"]: is chosen with the group protocol setting (classic or consumer) (with groupProtocol classic)"#),
             ("/kafka/config", json!({"sasl.mechanisms": "PLAIN,SCRAM"}), r#"spec.kafka.config["sasl.mechanisms"]: keys may not be empty or contain ',' or '=' and values may not contain ','"#),
             ("/kafka/secretConfig/0", json!({"key": "SASL_PASSWORD", "secretKeyRef": {"name": "k", "key": "p"}}), r#"spec.kafka.secretConfig[0].key: "SASL_PASSWORD" is not a librdkafka property name (a-z 0-9 .)"#),
             ("/kafka/secretConfig/0", json!({"key": "sasl.password", "secretKeyRef": {"name": "", "key": "p"}}), "spec.kafka.secretConfig[0].secretKeyRef: name and key must not be empty"),

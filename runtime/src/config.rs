@@ -645,6 +645,33 @@ mod tests {
     }
 
     #[test]
+    fn the_consumer_group_protocol_refuses_client_side_group_timings() {
+        let args = |protocol: &str| {
+            run_args(&[
+                "--rate",
+                "5",
+                "--group-protocol",
+                protocol,
+                "--kafka-config",
+                "session.timeout.ms=6000",
+            ])
+            .unwrap()
+            .validate()
+        };
+        let c = args("classic").unwrap();
+        assert_eq!(c.group_protocol, GroupProtocol::Classic);
+        let err = args("consumer").unwrap_err().to_string();
+        assert!(
+            err.contains("--kafka-config")
+                && err.contains("session.timeout.ms")
+                && err.contains("--group-protocol consumer"),
+            "{err}"
+        );
+        let err = run_args(&["--rate", "5", "--group-protocol", "eager"]).unwrap_err();
+        assert!(err.to_string().contains("classic, consumer"), "{err}");
+    }
+
+    #[test]
     fn kafka_config_values_may_contain_commas() {
         let pieces: Vec<String> =
             "partition.assignment.strategy=range,roundrobin,fetch.max.bytes=1"
