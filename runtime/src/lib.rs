@@ -32,6 +32,7 @@ pub mod buffer;
 pub mod config;
 pub mod demo;
 pub mod hash;
+pub mod kafka_log;
 pub mod lease;
 pub mod leased;
 pub mod message;

@@ -20,8 +20,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{GroupProtocol, Ordering, RunConfig, SinkSpec};
 use crate::hash::{FxHashMap, FxHashSet};
+use crate::kafka_log::{self, LogThrottle};
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
 use crate::pipeline::Shared;
@@ -125,9 +127,19 @@ pub struct SourceContext {
     phase: Arc<AtomicU8>,
     /// Set after an assignment change, so the poll loop re-applies a pause.
     assignment_changed: AtomicBool,
+    /// Set when the group refused a commit because it is rebalancing (or has moved to a
+    /// new generation), cleared when the rebalance completes: early commits wait, since
+    /// every one in between would fail and log a `COMMITFAIL` warning.
+    rebalancing: AtomicBool,
+    /// Repeats of librdkafka's warnings held back (see [`crate::kafka_log`]).
+    log_throttle: std::sync::Mutex<LogThrottle>,
 }
 
 impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        kafka_log::forward(&self.log_throttle, level, fac, log_message);
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
@@ -153,6 +165,15 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        if let Err(e) = result {
+            if is_rebalancing(&e) {
+                self.rebalancing.store(true, AtomicOrdering::Relaxed);
+            }
+            debug!(error = %e, "Commit refused");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -166,8 +187,8 @@ impl ConsumerContext for SourceContext {
                 let offsets = self.shared.revoke(&tps, deadline);
                 commit(consumer, &offsets, "revoke");
                 info!(
-                    partitions = tps.len(),
-                    committed = offsets.len(),
+                    partitions = %list(&tps),
+                    committed = %list_offsets(&offsets),
                     "Partitions revoked"
                 );
             }
@@ -179,7 +200,7 @@ impl ConsumerContext for SourceContext {
                 }
                 drop(core);
                 self.shared.joined.store(true, AtomicOrdering::Relaxed);
-                info!(partitions = tps.len(), "Partitions assigned");
+                info!(partitions = %list(&tps), "Partitions assigned");
             }
             Rebalance::Error(e) => {
                 self.shared.metrics.kafka_errors.inc();
@@ -190,9 +211,41 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.assignment_changed.store(true, AtomicOrdering::Relaxed);
+        self.rebalancing.store(false, AtomicOrdering::Relaxed);
         let n = consumer.assignment().map_or(0, |a| a.count());
         self.shared.metrics.assigned_partitions.set(n as i64);
     }
+}
+
+/// Whether a commit failed because the group is rebalancing or has moved to a new
+/// generation (it succeeds once the rebalance completes).
+fn is_rebalancing(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::StaleMemberEpoch
+        )
+    )
+}
+
+/// `topic/0,topic/3` for a log line.
+fn list(tps: &[TopicPartition]) -> String {
+    tps.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `topic/0@42,topic/3@7` for a log line.
+fn list_offsets(offsets: &[(TopicPartition, i64)]) -> String {
+    offsets
+        .iter()
+        .map(|(tp, o)| format!("{tp}@{o}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn to_tps(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -211,13 +264,21 @@ fn to_tpl(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
     tpl
 }
 
+/// Stores, then commits synchronously. Storing first matters: with auto-commit on,
+/// librdkafka commits a revoked partition's *stored* offset when it unassigns it, after
+/// this callback returns. Had only the commit carried the new offset, that later commit
+/// would put the older stored one back (seen under KIP-848 on Apache Kafka: the next
+/// owner re-delivered what this replica had just committed).
 fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i64)], why: &str) {
     if offsets.is_empty() {
         return;
     }
-    if let Err(e) = consumer.commit(&to_tpl(offsets), CommitMode::Sync) {
+    let tpl = to_tpl(offsets);
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        debug!(error = %e, why, "Storing offsets before a commit");
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
         warn!(error = %e, why, "Synchronous commit failed; auto-commit of stored offsets will retry");
-        let _ = consumer.store_offsets(&to_tpl(offsets));
     }
 }
 
@@ -237,6 +298,8 @@ impl Source {
             revoke_deadline: config.shutdown_grace,
             phase: phase.clone(),
             assignment_changed: AtomicBool::new(false),
+            rebalancing: AtomicBool::new(false),
+            log_throttle: Default::default(),
         };
         let consumer: BaseConsumer<SourceContext> = consumer_config(config)
             .create_with_context(context)
@@ -384,7 +447,8 @@ fn poll_loop(
         if last_store.elapsed() >= STORE_EVERY {
             store(&consumer, &shared, &mut trigger);
             last_store = Instant::now();
-            if trigger.due(last_store) {
+            let rebalancing = consumer.context().rebalancing.load(AtomicOrdering::Relaxed);
+            if !rebalancing && trigger.due(last_store) {
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                     debug!(error = %e, "Early commit");
                 }
@@ -561,7 +625,10 @@ fn poll_loop(
         if offsets.is_empty() {
             break;
         }
-        match consumer.commit(&to_tpl(&offsets), CommitMode::Sync) {
+        let tpl = to_tpl(&offsets);
+        // Stored too, for the same reason as in `commit`.
+        let _ = consumer.store_offsets(&tpl);
+        match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
                 info!(
                     partitions = offsets.len(),
@@ -571,7 +638,6 @@ fn poll_loop(
             }
             Err(e) if Instant::now() < deadline => {
                 debug!(error = %e, attempts, "Commit on shutdown refused; serving the group and retrying");
-                let _ = consumer.store_offsets(&to_tpl(&offsets));
                 // Serve callbacks; any message is of a paused partition's old fetch.
                 let _ = consumer.poll(Duration::from_millis(100));
             }

@@ -4,37 +4,11 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn run_args(bootstrap: &str, topic: &str, group: &str, sink: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "--bootstrap-servers",
-        bootstrap,
-        "--topic",
-        topic,
-        "--group-id",
-        group,
-        "--sink",
-        sink,
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for (k, v) in fast_group() {
-        a.push("--kafka-config".into());
-        a.push(format!("{k}={v}"));
-    }
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
 
 fn output_of(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
@@ -120,55 +94,6 @@ fn every_flag_can_come_from_the_environment() {
         stderr.contains("abc") && stderr.contains("--rate"),
         "{stderr}"
     );
-}
-
-/// The admin port a child logged ("Admin HTTP listening").
-async fn admin_port_of(p: &mut Pacer, log: &std::path::Path) -> u16 {
-    let mut port = None;
-    wait_for(
-        "the admin address in the log",
-        Duration::from_secs(20),
-        || {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            port = text
-                .lines()
-                .find(|l| l.contains("Admin HTTP listening"))
-                .and_then(|l| l.split("127.0.0.1:").nth(1))
-                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|d| d.parse().ok());
-            port.is_some()
-        },
-    )
-    .await;
-    let _ = p;
-    port.unwrap()
-}
-
-fn spawn_logged(args: &[String], log: &std::path::Path) -> Pacer {
-    let file = std::fs::File::create(log).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
-        .args(args)
-        .env("PACER_LOG", "info,rdkafka=warn")
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .spawn()
-        .expect("spawn pacer");
-    Pacer { child }
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("pacer-test-{}-{name}.log", std::process::id()))
-}
-
-fn ids(sink: &TestSink) -> HashMap<usize, usize> {
-    let mut m = HashMap::new();
-    for s in sink.state.delivered() {
-        if let Some(id) = s.id {
-            *m.entry(id).or_default() += 1;
-        }
-    }
-    m
 }
 
 on_both_brokers!(after_kill_9_a_new_replica_delivers_every_message_with_bounded_duplicates);

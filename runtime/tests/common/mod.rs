@@ -425,13 +425,13 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Fetches `/metrics` of a child's admin port.
 /// Lets `d` pass from `from`: the span over which a test counts deliveries. A fixed
 /// window is the measurement itself, not a stand-in for a condition.
 pub async fn measure_until(from: Instant, d: Duration) {
     tokio::time::sleep_until((from + d).into()).await;
 }
 
+/// Fetches `/metrics` of a child's admin port.
 pub async fn scrape(port: u16) -> Option<String> {
     reqwest::Client::new()
         .get(format!("http://127.0.0.1:{port}/metrics"))
@@ -443,4 +443,88 @@ pub async fn scrape(port: u16) -> Option<String> {
         .text()
         .await
         .ok()
+}
+
+/// `pacer run` arguments for a standalone replica, with [`fast_group`] timings.
+pub fn run_args(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    sink: &str,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        topic,
+        "--group-id",
+        group,
+        "--sink",
+        sink,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (k, v) in fast_group() {
+        a.push("--kafka-config".into());
+        a.push(format!("{k}={v}"));
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// The admin port a child logged ("Admin HTTP listening").
+pub async fn admin_port_of(p: &mut Pacer, log: &std::path::Path) -> u16 {
+    let mut port = None;
+    wait_for(
+        "the admin address in the log",
+        Duration::from_secs(20),
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            port = text
+                .lines()
+                .find(|l| l.contains("Admin HTTP listening"))
+                .and_then(|l| l.split("127.0.0.1:").nth(1))
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|d| d.parse().ok());
+            port.is_some()
+        },
+    )
+    .await;
+    let _ = p;
+    port.unwrap()
+}
+
+/// A `pacer` child whose log goes to `log`.
+pub fn spawn_logged(args: &[String], log: &std::path::Path) -> Pacer {
+    let file = std::fs::File::create(log).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
+        .args(args)
+        .env("PACER_LOG", "info,rdkafka=warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn pacer");
+    Pacer { child }
+}
+
+/// A per-process temporary log path.
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pacer-test-{}-{name}.log", std::process::id()))
+}
+
+/// How often the sink saw each message id (delivered requests).
+pub fn ids(sink: &TestSink) -> HashMap<usize, usize> {
+    let mut m = HashMap::new();
+    for s in sink.state.delivered() {
+        if let Some(id) = s.id {
+            *m.entry(id).or_default() += 1;
+        }
+    }
+    m
 }
