@@ -2,8 +2,8 @@
 //! one coordinator never delivers more than the global budget to the sink, while the
 //! fleet scales from 2 to 4 replicas and one replica is killed with SIGKILL.
 //!
-//! Pieces: librdkafka's mock broker and the coordinator run in this test process; the
-//! replicas are the `pacer` binary (built by `cargo build --bins`, which the test command
+//! Pieces: the broker (librdkafka's mock cluster, or Apache Kafka as a child JVM) and the
+//! coordinator run in this test process; the replicas are the `pacer` binary (built by `cargo build --bins`, which the test command
 //! runs first) as child processes, always reaped.
 
 use axum::body::Bytes;
@@ -13,9 +13,7 @@ use axum::routing::post;
 use axum::Router;
 use pacer_budget::service::{self, BudgetId, Coordinator};
 use pacer_budget::{BudgetConfig, Policy, Share};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use rdkafka::ClientConfig;
+use pacer_tests::Kafka;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,25 +113,18 @@ async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> boo
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_scaling_from_two_to_four_with_a_crash_never_exceeds_the_global_budget() {
+pacer_tests::on_both_brokers!(
+    a_fleet_scaling_from_two_to_four_with_a_crash_never_exceeds_the_global_budget
+);
+async fn a_fleet_scaling_from_two_to_four_with_a_crash_never_exceeds_the_global_budget(
+    kafka: Kafka<'static>,
+) {
     // Broker with a backlog far larger than the run can drain at 40 msg/s.
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.create_topic("orders", 8, 1).expect("topic");
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .create()
-        .expect("producer");
-    for i in 0..3_000u32 {
-        let value = format!("{i:08}");
-        let key = format!("k{}", i % 50);
-        producer
-            .send(BaseRecord::to("orders").key(&key).payload(&value))
-            .expect("enqueue");
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(10)).expect("flush");
+    kafka.topic("orders", 8);
+    kafka.produce("orders", 8, 0..3_000, 8, |i| {
+        Some(format!("k{}", i % 50).into_bytes())
+    });
+    let bootstrap = kafka.bootstrap.clone();
 
     // Sink.
     let sink = Arc::new(SinkState::default());
@@ -268,7 +259,8 @@ async fn a_fleet_scaling_from_two_to_four_with_a_crash_never_exceeds_the_global_
         .count();
     let mean = measured as f64 / 11.0;
     eprintln!(
-        "fleet: {} deliveries, worst 1-s window {worst} (bound {bound}), mean {mean:.1}/s, max in flight {max_in_flight}, live at end {live:?}",
+        "fleet on {:?}: {} deliveries, worst 1-s window {worst} (bound {bound}), mean {mean:.1}/s, max in flight {max_in_flight}, live at end {live:?}",
+        kafka.broker,
         arrivals.len()
     );
     assert!(
