@@ -34,18 +34,23 @@ pub async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()>
     axum::serve(listener, router).await
 }
 
-/// Ready once the replica is in its group (an assignment, possibly empty, arrived) and
-/// holds a lease or a fallback share. A replica without partitions is still ready:
+/// Ready once the replica is in its group (an assignment, possibly empty, arrived), a
+/// broker answers, and it holds a lease or a fallback share. A replica without partitions is still ready:
 /// otherwise a fleet with more replicas than partitions would block rollouts.
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     let joined = s.shared.joined.load(AtomicOrdering::Relaxed);
+    let brokers_down = s.shared.lock().brokers_down;
     let source = s.allowance.borrow().source;
-    if joined && source != AllowanceSource::Pending {
+    if joined && !brokers_down && source != AllowanceSource::Pending {
         (StatusCode::OK, "ready".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("joined group: {joined}, allowance: {}", source.as_str()),
+            format!(
+                "joined group: {joined}, brokers reachable: {}, allowance: {}",
+                !brokers_down,
+                source.as_str()
+            ),
         )
     }
 }

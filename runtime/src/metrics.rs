@@ -55,6 +55,7 @@ pub struct Metrics {
     pub lease_refreshes: Family<ResultLabels, Counter>,
     pub fallback: Gauge,
     pub kafka_errors: Counter,
+    pub brokers_down: Gauge,
     registry: Registry,
 }
 
@@ -85,6 +86,7 @@ impl Metrics {
             lease_refreshes: Family::default(),
             fallback: Gauge::default(),
             kafka_errors: Counter::default(),
+            brokers_down: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
         };
         let r = &mut m.registry;
@@ -163,6 +165,11 @@ impl Metrics {
             "kafka_errors",
             "Errors reported by the Kafka consumer",
             m.kafka_errors.clone(),
+        );
+        r.register(
+            "brokers_down",
+            "1 while no Kafka broker answers (no new message is dispatched meanwhile)",
+            m.brokers_down.clone(),
         );
         m
     }

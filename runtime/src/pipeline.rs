@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureProducer;
 use tokio::sync::Notify;
-use tracing::{debug, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::buffer::Buffer;
 use crate::config::{Ordering, RetryPolicy};
@@ -52,6 +52,11 @@ pub struct Core {
     /// Set when the shutdown grace is over: nothing more is dispatched and workers give
     /// up (their offsets stay uncommitted).
     pub halted: bool,
+    /// Set while no broker answers: buffered messages wait. What completes while the
+    /// group cannot be reached cannot be committed, and the partitions may already be
+    /// another member's, so delivering on would only add duplicates; in-flight work
+    /// finishes.
+    pub brokers_down: bool,
     /// Largest buffer depth seen (for tests and the back-pressure benchmark).
     pub max_depth: usize,
 }
@@ -164,6 +169,7 @@ impl Shared {
                 next_generation: 0,
                 stopping: false,
                 halted: false,
+                brokers_down: false,
                 max_depth: 0,
             }),
             idle: Condvar::new(),
@@ -177,6 +183,24 @@ impl Shared {
             latency_count: AtomicU64::new(0),
             joined: AtomicBool::new(false),
         })
+    }
+
+    /// Records whether any broker answers (see [`Core::brokers_down`]); wakes the
+    /// dispatcher when they are back.
+    pub fn set_brokers_down(&self, down: bool) {
+        let mut core = self.lock();
+        if core.brokers_down == down {
+            return;
+        }
+        core.brokers_down = down;
+        drop(core);
+        self.metrics.brokers_down.set(i64::from(down));
+        if down {
+            warn!("No Kafka broker answers; buffered messages wait until one does");
+        } else {
+            info!("A Kafka broker answers again; dispatching resumes");
+            self.wake.notify_one();
+        }
     }
 
     /// Locks the core. A panic while holding it would be a bug; the state is still
@@ -234,7 +258,7 @@ impl Shared {
         let emptied = Self::release_slot(&mut core, msg);
         let limit = self.in_flight_limit.load(AtomicOrdering::Relaxed);
         let mut next = None;
-        if !core.halted && core.in_flight_total < limit {
+        if !core.halted && !core.brokers_down && core.in_flight_total < limit {
             let was_above = !core.buffer.below_refill_mark();
             if let Some(m) = core.buffer.pop_ready() {
                 core.in_flight_total += 1;
@@ -479,7 +503,11 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 let limit = shared.in_flight_limit.load(AtomicOrdering::Relaxed);
                 let was_above = !core.buffer.below_refill_mark();
                 let mut batch = Vec::new();
-                let slots = limit.saturating_sub(core.in_flight_total) as usize;
+                let slots = if core.brokers_down {
+                    0
+                } else {
+                    limit.saturating_sub(core.in_flight_total) as usize
+                };
                 core.buffer
                     .pop_batch(slots.min(MAX_DISPATCH_BATCH), &mut batch);
                 core.in_flight_total += batch.len() as u32;
@@ -528,7 +556,12 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                     return;
                 }
                 let was_above = !core.buffer.below_refill_mark();
-                if let Some(m) = core.buffer.pop_ready() {
+                let next = if core.brokers_down {
+                    None
+                } else {
+                    core.buffer.pop_ready()
+                };
+                if let Some(m) = next {
                     shared.update_gauges(&core);
                     if was_above && core.buffer.below_refill_mark() {
                         shared.room.notify_one();

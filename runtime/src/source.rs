@@ -53,6 +53,11 @@ const FULL_WAIT: Duration = Duration::from_millis(2);
 /// `auto.commit.interval.ms` (5 s by default) anyway, so this only needs to be small
 /// against that.
 const STORE_EVERY: Duration = Duration::from_millis(20);
+/// While no broker answers, how often the Kafka thread asks for metadata to learn that
+/// one is back (librdkafka reports "all brokers down" but not their return), and how
+/// long it waits for the answer (it holds up polling that long, during an outage only).
+const BROKER_PROBE_EVERY: Duration = Duration::from_millis(500);
+const BROKER_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Least time between two commits triggered by count (see [`CommitTrigger`]).
 const MIN_COMMIT_GAP: Duration = Duration::from_millis(50);
 
@@ -136,6 +141,16 @@ pub struct SourceContext {
 }
 
 impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.metrics.kafka_errors.inc();
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // Cleared by the poll loop once a metadata request is answered.
+            self.shared.set_brokers_down(true);
+        } else {
+            warn!(target: "librdkafka", error = %error, reason, "Kafka client error");
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         kafka_log::forward(&self.log_throttle, level, fac, log_message);
     }
@@ -315,6 +330,7 @@ impl Source {
         let copy_metadata = forwards_metadata(config);
         let trigger = CommitTrigger::new(config.buffer_messages);
         let hold_partitions = config.ordering == Ordering::Partition;
+        let probe_topic = config.topics[0].clone();
         let thread = std::thread::Builder::new()
             .name("pacer-kafka".into())
             .spawn(move || {
@@ -325,6 +341,7 @@ impl Source {
                     copy_metadata,
                     trigger,
                     hold_partitions,
+                    probe_topic,
                 )
             })
             .map_err(SourceError::Thread)?;
@@ -423,6 +440,7 @@ fn poll_loop(
     copy_metadata: bool,
     mut trigger: CommitTrigger,
     hold_partitions: bool,
+    probe_topic: String,
 ) {
     // With `partition` ordering: partitions paused one by one because they have their
     // share of the buffer (see `Buffer::holds`).
@@ -430,6 +448,7 @@ fn poll_loop(
     let mut topics: FxHashMap<String, &'static str> = FxHashMap::default();
     let mut paused = false;
     let mut last_store = Instant::now();
+    let mut last_probe = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
     let mut holding_since: Option<Instant> = None;
     // Reused across polls (one allocation, not one per poll batch).
@@ -443,6 +462,15 @@ fn poll_loop(
         let p = phase.load(AtomicOrdering::Relaxed);
         if p == CLOSING {
             break;
+        }
+        if last_probe.elapsed() >= BROKER_PROBE_EVERY && shared.lock().brokers_down {
+            last_probe = Instant::now();
+            if consumer
+                .fetch_metadata(Some(&probe_topic), BROKER_PROBE_TIMEOUT)
+                .is_ok()
+            {
+                shared.set_brokers_down(false);
+            }
         }
         if last_store.elapsed() >= STORE_EVERY {
             store(&consumer, &shared, &mut trigger);

@@ -101,25 +101,11 @@ pub struct ApacheKafka {
 impl ApacheKafka {
     /// Formats a fresh log directory and starts a broker on free ports.
     pub fn start() -> ApacheKafka {
-        let dir =
-            std::env::temp_dir().join(format!("pacer-kafka-{}-{}", std::process::id(), next_id()));
         // Free ports are found by binding and releasing: another process may take one in
         // between, so a broker that fails to bind is started again on new ports.
         let mut last = String::new();
         for _ in 0..3 {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).expect("broker dir");
-            let mut k = ApacheKafka {
-                bootstrap: String::new(),
-                port: free_port(),
-                controller_port: free_port(),
-                dir: dir.clone(),
-                shell: None,
-                started_in: Duration::ZERO,
-            };
-            k.bootstrap = format!("127.0.0.1:{}", k.port);
-            k.write_config();
-            k.format();
+            let mut k = ApacheKafka::prepare();
             match k.launch() {
                 Ok(()) => return k,
                 Err(log) if log.contains("Address already in use") => last = log,
@@ -127,6 +113,28 @@ impl ApacheKafka {
             }
         }
         panic!("Apache Kafka could not bind free ports three times:\n{last}");
+    }
+
+    /// A broker on free ports with a formatted log directory, not started yet: its
+    /// address is known, so a client can be pointed at it before it answers (start it
+    /// with [`ApacheKafka::restart`]).
+    pub fn prepare() -> ApacheKafka {
+        let dir =
+            std::env::temp_dir().join(format!("pacer-kafka-{}-{}", std::process::id(), next_id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("broker dir");
+        let port = free_port();
+        let k = ApacheKafka {
+            bootstrap: format!("127.0.0.1:{port}"),
+            port,
+            controller_port: free_port(),
+            dir,
+            shell: None,
+            started_in: Duration::ZERO,
+        };
+        k.write_config();
+        k.format();
+        k
     }
 
     /// Stops the broker cleanly (SIGTERM: controlled shutdown, logs flushed), keeping its
@@ -144,7 +152,7 @@ impl ApacheKafka {
         }
     }
 
-    /// Starts the broker again on the same ports and data.
+    /// Starts the broker (again) on its ports and data.
     pub fn restart(&mut self) {
         assert!(self.shell.is_none(), "restart of a running broker");
         if let Err(log) = self.launch() {
