@@ -23,6 +23,7 @@ use pacer_runtime::lease::Allowance;
 use pacer_runtime::{ReplicaHandle, RunError, RunSummary};
 use tokio::sync::{oneshot, watch};
 
+#[allow(unused_imports)]
 pub use pacer_tests::{on_both_brokers, Kafka};
 
 /// What the test sink saw for one request.
