@@ -210,7 +210,7 @@ impl ApacheKafka {
 
     fn format(&self) {
         // A cluster id is 16 random bytes, URL-safe base64 without padding.
-        let id = {
+        self.format_with(&{
             use std::hash::{BuildHasher, Hasher};
             let mut bytes = Vec::with_capacity(16);
             for i in 0..2u64 {
@@ -219,10 +219,17 @@ impl ApacheKafka {
                 bytes.extend_from_slice(&h.finish().to_le_bytes());
             }
             base64_url(&bytes)
-        };
+        });
+    }
+
+    fn format_with(&self, id: &str) {
         let out = self
             .java()
-            .args(["kafka.tools.StorageTool", "format", "-t", &id, "-c"])
+            // `--cluster-id=ID`, not `-t ID`: an id may start with '-' (URL-safe base64),
+            // which the tool's argument parser then takes for an option (seen in CI).
+            .args(["kafka.tools.StorageTool", "format"])
+            .arg(format!("--cluster-id={id}"))
+            .arg("--config")
             .arg(self.dir.join("server.properties"))
             .output()
             .expect("java (Kafka 4.x needs Java 17 or newer on PATH or in JAVA_HOME)");
@@ -366,6 +373,16 @@ fn base64_url(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_id_starting_with_a_dash_is_accepted_by_the_storage_tool() {
+        let k = ApacheKafka::prepare();
+        let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = std::fs::remove_dir_all(k.dir.join("data"));
+            k.format_with("-AbCdEfGhIjKlMnOpQrStU");
+        }));
+        assert!(again.is_ok(), "an id starting with '-' was refused");
+    }
 
     #[test]
     fn a_cluster_id_is_22_url_safe_base64_characters() {
