@@ -57,11 +57,21 @@ pub struct Core {
     /// another member's, so delivering on would only add duplicates; in-flight work
     /// finishes.
     pub brokers_down: bool,
+    /// Set while the group refuses commits because it is rebalancing (or moved to a new
+    /// generation): buffered messages wait, for the same reason. Cleared by the next
+    /// assignment or by a commit that is accepted (the Kafka thread tries every 250 ms).
+    pub commits_refused: bool,
     /// Largest buffer depth seen (for tests and the back-pressure benchmark).
     pub max_depth: usize,
 }
 
 impl Core {
+    /// Whether new messages may be dispatched now (see `brokers_down`,
+    /// `commits_refused`); in-flight work goes on either way.
+    fn may_dispatch(&self) -> bool {
+        !self.halted && !self.brokers_down && !self.commits_refused
+    }
+
     fn is_current(&self, msg: &Message) -> bool {
         self.assigned.get(&msg.tp) == Some(&msg.generation) && !self.revoking.contains(&msg.tp)
     }
@@ -170,6 +180,7 @@ impl Shared {
                 stopping: false,
                 halted: false,
                 brokers_down: false,
+                commits_refused: false,
                 max_depth: 0,
             }),
             idle: Condvar::new(),
@@ -199,6 +210,22 @@ impl Shared {
             warn!("No Kafka broker answers; buffered messages wait until one does");
         } else {
             info!("A Kafka broker answers again; dispatching resumes");
+            self.wake.notify_one();
+        }
+    }
+
+    /// Records whether the group refuses commits (see [`Core::commits_refused`]).
+    pub fn set_commits_refused(&self, refused: bool) {
+        let mut core = self.lock();
+        if core.commits_refused == refused {
+            return;
+        }
+        core.commits_refused = refused;
+        drop(core);
+        if refused {
+            info!("The group refuses commits (rebalancing); buffered messages wait");
+        } else {
+            debug!("Commits accepted again; dispatching resumes");
             self.wake.notify_one();
         }
     }
@@ -258,7 +285,7 @@ impl Shared {
         let emptied = Self::release_slot(&mut core, msg);
         let limit = self.in_flight_limit.load(AtomicOrdering::Relaxed);
         let mut next = None;
-        if !core.halted && !core.brokers_down && core.in_flight_total < limit {
+        if core.may_dispatch() && core.in_flight_total < limit {
             let was_above = !core.buffer.below_refill_mark();
             if let Some(m) = core.buffer.pop_ready() {
                 core.in_flight_total += 1;
@@ -503,7 +530,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 let limit = shared.in_flight_limit.load(AtomicOrdering::Relaxed);
                 let was_above = !core.buffer.below_refill_mark();
                 let mut batch = Vec::new();
-                let slots = if core.brokers_down {
+                let slots = if !core.may_dispatch() {
                     0
                 } else {
                     limit.saturating_sub(core.in_flight_total) as usize
@@ -556,7 +583,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                     return;
                 }
                 let was_above = !core.buffer.below_refill_mark();
-                let next = if core.brokers_down {
+                let next = if !core.may_dispatch() {
                     None
                 } else {
                     core.buffer.pop_ready()

@@ -58,6 +58,8 @@ const STORE_EVERY: Duration = Duration::from_millis(20);
 /// long it waits for the answer (it holds up polling that long, during an outage only).
 const BROKER_PROBE_EVERY: Duration = Duration::from_millis(500);
 const BROKER_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// While the group refuses commits, how often the Kafka thread tries one.
+const COMMIT_RETRY_EVERY: Duration = Duration::from_millis(250);
 /// Least time between two commits triggered by count (see [`CommitTrigger`]).
 const MIN_COMMIT_GAP: Duration = Duration::from_millis(50);
 
@@ -132,10 +134,6 @@ pub struct SourceContext {
     phase: Arc<AtomicU8>,
     /// Set after an assignment change, so the poll loop re-applies a pause.
     assignment_changed: AtomicBool,
-    /// Set when the group refused a commit because it is rebalancing (or has moved to a
-    /// new generation), cleared when the rebalance completes: early commits wait, since
-    /// every one in between would fail and log a `COMMITFAIL` warning.
-    rebalancing: AtomicBool,
     /// Repeats of librdkafka's warnings held back (see [`crate::kafka_log`]).
     log_throttle: std::sync::Mutex<LogThrottle>,
 }
@@ -183,7 +181,7 @@ impl ConsumerContext for SourceContext {
     fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
         if let Err(e) = result {
             if is_rebalancing(&e) {
-                self.rebalancing.store(true, AtomicOrdering::Relaxed);
+                self.shared.set_commits_refused(true);
             }
             debug!(error = %e, "Commit refused");
         }
@@ -226,7 +224,7 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.assignment_changed.store(true, AtomicOrdering::Relaxed);
-        self.rebalancing.store(false, AtomicOrdering::Relaxed);
+        self.shared.set_commits_refused(false);
         let n = consumer.assignment().map_or(0, |a| a.count());
         self.shared.metrics.assigned_partitions.set(n as i64);
     }
@@ -297,6 +295,30 @@ fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i6
     }
 }
 
+/// A synchronous commit of every assigned partition's committable offset, while the
+/// group refused commits: accepted, dispatching resumes.
+fn try_commit(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
+    let offsets: Vec<(TopicPartition, i64)> = {
+        let core = shared.lock();
+        core.tracker
+            .all_committable()
+            .into_iter()
+            .filter(|(tp, _)| core.assigned.contains_key(tp))
+            .collect()
+    };
+    let tpl = to_tpl(&offsets);
+    let _ = consumer.store_offsets(&tpl);
+    match consumer.commit(&tpl, CommitMode::Sync) {
+        Ok(()) => shared.set_commits_refused(false),
+        Err(e) if is_rebalancing(&e) => debug!(error = %e, "Commit still refused"),
+        // Anything else (nothing to commit, say) says the rebalance is not in the way.
+        Err(e) => {
+            debug!(error = %e, "Commit while refused");
+            shared.set_commits_refused(false);
+        }
+    }
+}
+
 /// Handle to the Kafka thread.
 #[derive(Debug)]
 pub struct Source {
@@ -313,7 +335,6 @@ impl Source {
             revoke_deadline: config.shutdown_grace,
             phase: phase.clone(),
             assignment_changed: AtomicBool::new(false),
-            rebalancing: AtomicBool::new(false),
             log_throttle: Default::default(),
         };
         let consumer: BaseConsumer<SourceContext> = consumer_config(config)
@@ -449,6 +470,7 @@ fn poll_loop(
     let mut paused = false;
     let mut last_store = Instant::now();
     let mut last_probe = Instant::now();
+    let mut last_commit_try = Instant::now();
     let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
     let mut holding_since: Option<Instant> = None;
     // Reused across polls (one allocation, not one per poll batch).
@@ -475,8 +497,14 @@ fn poll_loop(
         if last_store.elapsed() >= STORE_EVERY {
             store(&consumer, &shared, &mut trigger);
             last_store = Instant::now();
-            let rebalancing = consumer.context().rebalancing.load(AtomicOrdering::Relaxed);
-            if !rebalancing && trigger.due(last_store) {
+            if shared.lock().commits_refused {
+                // Is the rebalance over? A commit of what is complete tells, and records
+                // it as soon as it can be.
+                if last_store.duration_since(last_commit_try) >= COMMIT_RETRY_EVERY {
+                    last_commit_try = last_store;
+                    try_commit(&consumer, &shared);
+                }
+            } else if trigger.due(last_store) {
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                     debug!(error = %e, "Early commit");
                 }

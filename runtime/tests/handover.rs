@@ -4,6 +4,14 @@
 //! shutdown commits before leaving), so the new owner re-delivers nothing, and group
 //! changes do not flood the log with librdkafka's repeated commit warnings.
 //!
+//! librdkafka's mock cluster refuses every commit while its group is joining or syncing
+//! (`rd_kafka_mock_cgrp_classic_check_state`), where Apache Kafka accepts a commit of the
+//! current generation during a rebalance, and the mock's joins can take seconds under
+//! load: there a revoke commit can be refused. The replica then dispatches nothing new
+//! from the first refused commit until one is accepted, so the new owner re-delivers at
+//! most what completed before since the last accepted commit (6,708 duplicates in one CI
+//! run before that rule, when the replica went on delivering through a 5 s mock join).
+//!
 //! Found with this test: a revoke commit was followed by librdkafka's own commit of the
 //! partition's older *stored* offset when it unassigned it (auto-commit), so the next
 //! owner re-delivered up to what had just been committed: 35-45 duplicates per join
@@ -15,8 +23,11 @@ use std::time::Duration;
 
 use common::*;
 use pacer_runtime::config::GroupProtocol;
+use pacer_tests::Broker;
 
 const N: usize = 30_000;
+const BUFFER: usize = 1_000;
+const IN_FLIGHT: usize = 16;
 
 async fn hand_over(kafka: Kafka<'static>, protocol: GroupProtocol) {
     let topic = format!("handover-{protocol}");
@@ -149,8 +160,17 @@ async fn hand_over(kafka: Kafka<'static>, protocol: GroupProtocol) {
     for n in &commitfail {
         assert!(*n <= 3, "COMMITFAIL lines per replica: {commitfail:?}");
     }
-    assert_eq!(revoke_failed, [0, 0], "revoke commits refused");
-    assert_eq!(duplicates, 0, "a clean hand-over re-delivered messages");
+    if kafka.broker == Broker::Mock && revoke_failed.iter().sum::<usize>() > 0 {
+        // The mock refused the revoke commit (see the module docs): from its first
+        // refused commit the replica dispatched nothing new, so what is re-delivered
+        // completed before that, since the last commit it accepted (at most half a
+        // buffer of early-commit cadence or one auto-commit interval) or was in flight.
+        let bound = BUFFER + IN_FLIGHT;
+        assert!(duplicates <= bound, "{duplicates} duplicates > {bound}");
+    } else {
+        assert_eq!(revoke_failed, [0, 0], "revoke commits refused");
+        assert_eq!(duplicates, 0, "a clean hand-over re-delivered messages");
+    }
 }
 
 on_both_brokers!(a_join_and_a_clean_leave_at_a_high_rate_re_deliver_nothing);
