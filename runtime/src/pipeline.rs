@@ -214,6 +214,16 @@ impl Shared {
         }
     }
 
+    /// The committable offset of every partition still assigned.
+    pub fn assigned_committable(&self) -> Vec<(TopicPartition, i64)> {
+        let core = self.lock();
+        core.tracker
+            .all_committable()
+            .into_iter()
+            .filter(|(tp, _)| core.assigned.contains_key(tp))
+            .collect()
+    }
+
     /// Records whether the group refuses commits (see [`Core::commits_refused`]).
     pub fn set_commits_refused(&self, refused: bool) {
         let mut core = self.lock();

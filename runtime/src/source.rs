@@ -298,14 +298,7 @@ fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i6
 /// A synchronous commit of every assigned partition's committable offset, while the
 /// group refused commits: accepted, dispatching resumes.
 fn try_commit(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
-    let offsets: Vec<(TopicPartition, i64)> = {
-        let core = shared.lock();
-        core.tracker
-            .all_committable()
-            .into_iter()
-            .filter(|(tp, _)| core.assigned.contains_key(tp))
-            .collect()
-    };
+    let offsets = shared.assigned_committable();
     let tpl = to_tpl(&offsets);
     let _ = consumer.store_offsets(&tpl);
     match consumer.commit(&tpl, CommitMode::Sync) {
@@ -670,14 +663,7 @@ fn poll_loop(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let offsets: Vec<(TopicPartition, i64)> = {
-            let core = shared.lock();
-            core.tracker
-                .all_committable()
-                .into_iter()
-                .filter(|(tp, _)| core.assigned.contains_key(tp))
-                .collect()
-        };
+        let offsets = shared.assigned_committable();
         if offsets.is_empty() {
             break;
         }

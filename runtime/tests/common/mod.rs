@@ -409,14 +409,7 @@ impl Drop for Pacer {
     }
 }
 
-/// A free local port (bound then released; fine for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use pacer_tests::apache::free_port;
 
 /// Reads one metric value from a Prometheus text exposition.
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
