@@ -409,6 +409,7 @@ impl Drop for Pacer {
     }
 }
 
+#[allow(unused_imports)]
 pub use pacer_tests::apache::free_port;
 
 /// Reads one metric value from a Prometheus text exposition.
