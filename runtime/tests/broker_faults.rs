@@ -35,6 +35,19 @@ async fn await_readyz(port: u16, status: u16, timeout: Duration) -> Duration {
     }
 }
 
+/// SIGTERM, then the exit code must be 0; returns the replica's log (and removes it).
+async fn stop_cleanly(p: Pacer, log: &std::path::Path) -> String {
+    p.signal(libc::SIGTERM);
+    let mut p = p;
+    let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let _ = std::fs::remove_file(log);
+    assert_eq!(code, Some(0), "{text}");
+    text
+}
+
 const RATE: usize = 200;
 const IN_FLIGHT: usize = 8;
 /// `auto.commit.interval.ms` of [`fast_group`] plus the 20 ms store interval.
@@ -102,13 +115,7 @@ async fn a_broker_stopped_for_ten_seconds_and_restarted_loses_nothing_and_the_re
     .await;
     let m = scrape(port).await.unwrap_or_default();
     assert_eq!(metric(&m, "pacer_brokers_down"), Some(0.0), "{m}");
-    p.signal(libc::SIGTERM);
-    let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    assert_eq!(code, Some(0), "{text}");
+    let text = stop_cleanly(p, &log).await;
 
     let seen = ids(&sink);
     assert!((0..N).all(|i| seen.contains_key(&i)), "a message was lost");
@@ -169,13 +176,7 @@ async fn a_replica_started_before_its_broker_reports_it_and_consumes_once_it_ans
     })
     .await;
     await_readyz(port, 200, Duration::from_secs(10)).await;
-    p.signal(libc::SIGTERM);
-    let code = tokio::task::spawn_blocking(move || p.wait(Duration::from_secs(60)))
-        .await
-        .unwrap();
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    assert_eq!(code, Some(0), "{text}");
+    let text = stop_cleanly(p, &log).await;
     // librdkafka repeats "connection refused" every reconnect back-off: held back.
     let refused = text
         .lines()

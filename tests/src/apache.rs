@@ -163,14 +163,7 @@ impl ApacheKafka {
     /// Resident memory of the broker's JVM in KiB (from /proc), if it runs.
     pub fn rss_kib(&self) -> Option<u64> {
         let pid = std::fs::read_to_string(self.dir.join("java.pid")).ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        rss_kib_of(pid.trim().parse().ok()?)
     }
 
     /// The broker's folder: config, `broker.log`, data.
@@ -344,6 +337,18 @@ fn next_id() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Resident memory of process `pid` in KiB, from /proc.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A free local port (bound then released).

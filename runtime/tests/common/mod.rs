@@ -391,14 +391,7 @@ impl Pacer {
 
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        pacer_tests::apache::rss_kib_of(self.child.id())
     }
 }
 
