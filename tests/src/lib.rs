@@ -10,9 +10,13 @@
 //!
 //! [`k8s::ControlPlane`] is a Kubernetes control plane without a kubelet (etcd,
 //! kube-apiserver, kube-controller-manager built from Go modules), as child processes.
+//!
+//! [`sim`] is a deterministic fleet simulation comparing Pacer's ledger with the peers'
+//! ways of splitting one budget (no broker, no processes).
 
 pub mod apache;
 pub mod k8s;
 pub mod kafka;
+pub mod sim;
 
 pub use kafka::{shared_apache, Broker, Kafka};
