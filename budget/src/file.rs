@@ -4,22 +4,26 @@
 //! budgets:
 //!   - namespace: default
 //!     name: orders
-//!     messagesPerSecond: 100     # > 0
-//!     maxInFlight: 10            # >= 1
+//!     messagesPerSecond: 100     # > 0, <= 1000000
+//!     maxInFlight: 10            # 1..=100000
 //!     policy: demand             # equal | demand (default demand)
 //!     leaseSeconds: 10           # 1..=3600, lease * 1000 > 2 * refreshMillis
-//!     refreshMillis: 1000        # >= 50
+//!     refreshMillis: 1000        # 100..=600000
 //!     expectedMembers: 3         # >= 1 (default 1)
 //!     fallbackSeconds: 30        # optional, default 3 * leaseSeconds
 //!     token: change-me-please    # >= 16 characters
 //! ```
 //!
 //! Parsing is pure; errors name the entry and the field, the value and what is accepted.
+//! The rules this file shares with the CRD (bounds, names, policy spellings) come from
+//! `pacer_rules`, so a budget is valid here exactly when it would be on a ThrottledConsumer.
 
 use crate::ledger::BudgetConfig;
 use crate::policy::Policy;
 use crate::protocol::Share;
 use crate::service::BudgetId;
+use pacer_rules::limits::{self, lease_seconds, max_in_flight, rate, refresh_millis};
+use pacer_rules::names::budget_name;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 
@@ -36,7 +40,7 @@ struct FileBudget {
     name: String,
     messages_per_second: f64,
     max_in_flight: i64,
-    #[serde(default)]
+    #[serde(default, with = "crate::policy::by_name")]
     policy: Policy,
     #[serde(default = "default_lease_seconds")]
     lease_seconds: i64,
@@ -90,20 +94,9 @@ fn field(index: usize, field: &'static str, problem: impl Into<String>) -> FileE
     }
 }
 
-fn check_name(index: usize, name: &'static str, v: &str) -> Result<(), FileError> {
-    let ok = !v.is_empty()
-        && v.len() <= 253
-        && v.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-    if ok {
-        Ok(())
-    } else {
-        Err(field(
-            index,
-            name,
-            format!("must be 1 to 253 characters of a-z, 0-9, '-' or '.', got {v:?}"),
-        ))
-    }
+/// Turns a rule's complaint into an error naming entry `index` and `name`.
+fn at(index: usize, name: &'static str) -> impl Fn(String) -> FileError {
+    move |problem| field(index, name, problem)
 }
 
 /// Parses and validates a budgets file.
@@ -112,86 +105,70 @@ pub fn parse(text: &str) -> Result<Vec<FileEntry>, FileError> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::with_capacity(doc.budgets.len());
     for (i, b) in doc.budgets.into_iter().enumerate() {
-        check_name(i, "namespace", &b.namespace)?;
-        check_name(i, "name", &b.name)?;
-        if !(b.messages_per_second.is_finite() && b.messages_per_second > 0.0) {
-            return Err(field(
-                i,
-                "messagesPerSecond",
-                format!("must be a finite number > 0, got {}", b.messages_per_second),
-            ));
+        let entry = entry(i, b)?;
+        if !seen.insert(entry.id.clone()) {
+            let problem = format!("budget {} is listed twice", entry.id);
+            return Err(field(i, "name", problem));
         }
-        if !(1..=i64::from(u32::MAX)).contains(&b.max_in_flight) {
-            return Err(field(
-                i,
-                "maxInFlight",
-                format!("must be a whole number >= 1, got {}", b.max_in_flight),
-            ));
-        }
-        if !(1..=3600).contains(&b.lease_seconds) {
-            return Err(field(
-                i,
-                "leaseSeconds",
-                format!("must be 1 to 3600, got {}", b.lease_seconds),
-            ));
-        }
-        if !(50..=600_000).contains(&b.refresh_millis) {
-            return Err(field(
-                i,
-                "refreshMillis",
-                format!("must be 50 to 600000, got {}", b.refresh_millis),
-            ));
-        }
-        if b.lease_seconds * 1000 <= 2 * b.refresh_millis {
-            return Err(field(
-                i,
-                "leaseSeconds",
-                format!(
-                    "leaseSeconds * 1000 must be more than 2 * refreshMillis (a lease must survive a lost refresh), got {} and {}",
-                    b.lease_seconds, b.refresh_millis
-                ),
-            ));
-        }
-        if !(1..=100_000).contains(&b.expected_members) {
-            return Err(field(
-                i,
-                "expectedMembers",
-                format!("must be 1 to 100000, got {}", b.expected_members),
-            ));
-        }
-        let fallback_seconds = b.fallback_seconds.unwrap_or(3 * b.lease_seconds);
-        if !(0..=86_400).contains(&fallback_seconds) {
-            return Err(field(
-                i,
-                "fallbackSeconds",
-                format!("must be 0 to 86400, got {fallback_seconds}"),
-            ));
-        }
-        if b.token.chars().count() < MIN_TOKEN_LEN {
-            return Err(field(
-                i,
-                "token",
-                format!("must be at least {MIN_TOKEN_LEN} characters"),
-            ));
-        }
-        let id = BudgetId::new(b.namespace, b.name);
-        if !seen.insert(id.clone()) {
-            return Err(field(i, "name", format!("budget {id} is listed twice")));
-        }
-        out.push(FileEntry {
-            id,
-            config: BudgetConfig {
-                capacity: Share::new(b.messages_per_second, b.max_in_flight as u32),
-                policy: b.policy,
-                expected_members: b.expected_members as u32,
-                lease_ms: b.lease_seconds as u64 * 1000,
-                refresh_ms: b.refresh_millis as u64,
-                fallback_ms: fallback_seconds as u64 * 1000,
-            },
-            token: b.token,
-        });
+        out.push(entry);
     }
     Ok(out)
+}
+
+/// Validates entry `i`: the rules shared with the CRD first, then the file's own.
+fn entry(i: usize, b: FileBudget) -> Result<FileEntry, FileError> {
+    budget_name(&b.namespace).map_err(at(i, "namespace"))?;
+    budget_name(&b.name).map_err(at(i, "name"))?;
+    let rate = rate::check(b.messages_per_second).map_err(at(i, "messagesPerSecond"))?;
+    let in_flight = max_in_flight::RANGE
+        .check(b.max_in_flight)
+        .map_err(at(i, "maxInFlight"))?;
+    let lease_seconds = lease_seconds::RANGE
+        .check(b.lease_seconds)
+        .map_err(at(i, "leaseSeconds"))?;
+    let refresh_millis = refresh_millis::RANGE
+        .check(b.refresh_millis)
+        .map_err(at(i, "refreshMillis"))?;
+    limits::lease_outlives_refreshes(lease_seconds, refresh_millis)
+        .map_err(at(i, "leaseSeconds"))?;
+
+    // The file's own settings: the operator derives these from the replica count and the
+    // lease, and generates the token.
+    if !(1..=100_000).contains(&b.expected_members) {
+        return Err(field(
+            i,
+            "expectedMembers",
+            format!("must be 1 to 100000, got {}", b.expected_members),
+        ));
+    }
+    let fallback_seconds = b.fallback_seconds.unwrap_or(3 * lease_seconds);
+    if !(0..=86_400).contains(&fallback_seconds) {
+        return Err(field(
+            i,
+            "fallbackSeconds",
+            format!("must be 0 to 86400, got {fallback_seconds}"),
+        ));
+    }
+    if b.token.chars().count() < MIN_TOKEN_LEN {
+        return Err(field(
+            i,
+            "token",
+            format!("must be at least {MIN_TOKEN_LEN} characters"),
+        ));
+    }
+    // The casts cannot truncate: every value was range-checked above.
+    Ok(FileEntry {
+        id: BudgetId::new(b.namespace, b.name),
+        config: BudgetConfig {
+            capacity: Share::new(rate, in_flight as u32),
+            policy: b.policy,
+            expected_members: b.expected_members as u32,
+            lease_ms: lease_seconds as u64 * 1000,
+            refresh_ms: refresh_millis as u64,
+            fallback_ms: fallback_seconds as u64 * 1000,
+        },
+        token: b.token,
+    })
 }
 
 #[cfg(test)]
@@ -219,14 +196,18 @@ mod tests {
     #[test]
     fn each_bad_field_is_named_with_what_is_accepted() {
         let cases = [
-            ("messagesPerSecond: 100", "messagesPerSecond: -1", "budgets[0].messagesPerSecond: must be a finite number > 0, got -1"),
-            ("messagesPerSecond: 100", "messagesPerSecond: .nan", "budgets[0].messagesPerSecond: must be a finite number > 0, got NaN"),
-            ("maxInFlight: 10", "maxInFlight: 0", "budgets[0].maxInFlight: must be a whole number >= 1, got 0"),
+            ("messagesPerSecond: 100", "messagesPerSecond: -1", "budgets[0].messagesPerSecond: -1 is out of range, must be greater than 0 and at most 1000000"),
+            ("messagesPerSecond: 100", "messagesPerSecond: .nan", "budgets[0].messagesPerSecond: NaN is out of range, must be greater than 0 and at most 1000000"),
+            ("messagesPerSecond: 100", "messagesPerSecond: 1000001", "budgets[0].messagesPerSecond: 1000001 is out of range, must be greater than 0 and at most 1000000"),
+            ("maxInFlight: 10", "maxInFlight: 0", "budgets[0].maxInFlight: 0 is out of range, must be 1 to 100000"),
+            ("maxInFlight: 10", "maxInFlight: 100001", "budgets[0].maxInFlight: 100001 is out of range, must be 1 to 100000"),
+            ("policy: equal", "policy: equal\n    refreshMillis: 99", "budgets[0].refreshMillis: 99 is out of range, must be 100 to 600000"),
+            ("policy: equal", "policy: equal\n    leaseSeconds: 3601", "budgets[0].leaseSeconds: 3601 is out of range, must be 1 to 3600"),
             ("expectedMembers: 3", "expectedMembers: 0", "budgets[0].expectedMembers: must be 1 to 100000, got 0"),
             ("token: 0123456789abcdef", "token: short", "budgets[0].token: must be at least 16 characters"),
             ("name: orders", "name: Orders", "budgets[0].name: must be 1 to 253 characters of a-z, 0-9, '-' or '.', got \"Orders\""),
             ("policy: equal", "policy: random", "unknown variant `random`, expected `equal` or `demand`"),
-            ("policy: equal", "policy: equal\n    leaseSeconds: 1\n    refreshMillis: 600", "budgets[0].leaseSeconds: leaseSeconds * 1000 must be more than 2 * refreshMillis"),
+            ("policy: equal", "policy: equal\n    leaseSeconds: 1\n    refreshMillis: 600", "budgets[0].leaseSeconds: leaseSeconds * 1000 (1000) must be greater than 2 * refreshMillis (1200) so a lease survives a missed refresh"),
             ("policy: equal", "policy: equal\n    colour: blue", "unknown field `colour`"),
         ];
         for (from, to, want) in cases {

@@ -4,28 +4,22 @@
 //! granted right now (it may be less while other members still hold more than theirs).
 
 use crate::protocol::Share;
-use serde::{Deserialize, Serialize};
-use std::fmt;
+pub use pacer_rules::Policy;
 
-/// How capacity is split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Policy {
-    /// `capacity / max(live members, expected members)`: a scale-up shrinks the running
-    /// members before the new pods even start.
-    Equal,
-    /// Max-min fair on reported demand (water-filling), the rest spread evenly: an idle
-    /// member's share flows to busy ones.
-    #[default]
-    Demand,
-}
+/// Serde for a [`Policy`] field, by the names in `pacer_rules` (the budgets file and the
+/// snapshot JSON). `#[serde(with = "crate::policy::by_name")]`.
+pub mod by_name {
+    use super::Policy;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Policy::Equal => "equal",
-            Policy::Demand => "demand",
-        })
+    pub fn serialize<S: Serializer>(policy: &Policy, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(policy.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse()
+            .map_err(|_| D::Error::unknown_variant(&name, Policy::NAMES))
     }
 }
 

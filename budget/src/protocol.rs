@@ -79,9 +79,6 @@ pub struct LeaseRequest {
     pub observed_rate: Option<f64>,
 }
 
-/// Largest accepted member name: a Kubernetes object name.
-pub const MAX_MEMBER_LEN: usize = 253;
-
 impl LeaseRequest {
     /// Checks what serde cannot: names and finite, non-negative numbers. The error names
     /// the field and what is accepted.
@@ -101,23 +98,10 @@ impl LeaseRequest {
     }
 }
 
-/// A member name is 1 to 253 characters of `[A-Za-z0-9._-]` (pod names qualify).
+/// A member name is 1 to 253 characters of `[A-Za-z0-9._-]` (pod names qualify); the
+/// rule is `pacer_rules::names::member_name`, which `pacer run --member` checks too.
 pub fn validate_member(member: &str) -> Result<(), String> {
-    if member.is_empty() || member.len() > MAX_MEMBER_LEN {
-        return Err(format!(
-            "member: must be 1 to {MAX_MEMBER_LEN} characters, got {}",
-            member.len()
-        ));
-    }
-    if let Some(c) = member
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-    {
-        return Err(format!(
-            "member: only letters, digits, '.', '-' and '_' are accepted, got {c:?}"
-        ));
-    }
-    Ok(())
+    pacer_rules::names::member_name(member).map_err(|e| format!("member: {e}"))
 }
 
 fn check_rate(field: &str, v: f64) -> Result<(), String> {
@@ -197,6 +181,7 @@ pub struct Snapshot {
     pub namespace: String,
     pub name: String,
     pub capacity: Share,
+    #[serde(with = "crate::policy::by_name")]
     pub policy: crate::Policy,
     pub expected_members: u32,
     pub epoch: u64,

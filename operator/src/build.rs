@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::{ByteString, DeepMerge};
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{BudgetPolicy, Ordering, ThrottledConsumer};
+use crate::crd::ThrottledConsumer;
 use crate::validate::ValidSpec;
 
 /// The operator's field manager for server-side apply: the one identity under which it
@@ -222,22 +222,6 @@ pub fn sink_arg(v: &ValidSpec) -> String {
     }
 }
 
-fn ordering_arg(o: Ordering) -> &'static str {
-    match o {
-        Ordering::None => "none",
-        Ordering::Key => "key",
-        Ordering::Partition => "partition",
-    }
-}
-
-/// Name of a policy as the coordinator and the CRD spell it.
-pub fn policy_name(p: BudgetPolicy) -> &'static str {
-    match p {
-        BudgetPolicy::Equal => "equal",
-        BudgetPolicy::Demand => "demand",
-    }
-}
-
 fn plain(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -301,7 +285,10 @@ pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings)
         plain(env::BUDGET, budget_key(tc)),
         plain(env::TOKEN_FILE, format!("{TOKEN_DIR}/{TOKEN_KEY}")),
         plain(env::BURST, spec.budget.burst.to_string()),
-        plain(env::ORDERING, ordering_arg(spec.delivery.ordering)),
+        plain(
+            env::ORDERING,
+            pacer_rules::Ordering::from(spec.delivery.ordering).as_str(),
+        ),
         plain(env::SINK, sink_arg(v)),
         plain(env::TIMEOUT, spec.delivery.timeout.clone()),
         plain(

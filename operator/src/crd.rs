@@ -6,12 +6,15 @@
 //! descriptions in the CRD and in `kubectl explain`. Implementation notes go in `//`.
 //!
 //! Every cross-field rule has a CEL twin in [`crate::validate`], so the API server refuses
-//! what it can and the operator refuses the rest with the same words.
+//! what it can and the operator refuses the rest with the same words. Bounds, patterns and
+//! the numbers in CEL rules come from `pacer_rules`, which the budgets file and `pacer run`
+//! use too.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Rule;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::gen::SchemaGenerator;
 use schemars::schema::{InstanceType, Schema, SchemaObject};
@@ -110,11 +113,14 @@ pub struct KafkaSpec {
     pub bootstrap_servers: String,
 
     /// Topics to consume.
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 249)))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = "pacer_rules::kafka::TOPIC_MAX_LEN"))
+    )]
     pub topics: Vec<String>,
 
     /// Consumer group id shared by all replicas.
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(length(min = 1, max = "pacer_rules::kafka::GROUP_ID_MAX_LEN"))]
     pub group_id: String,
 
     /// librdkafka properties, e.g. `security.protocol: SASL_SSL`. Keys may not contain
@@ -143,7 +149,8 @@ pub struct KafkaSpec {
     pub group_protocol: GroupProtocol,
 }
 
-/// The consumer-group protocol (see `pacer_rules::GroupProtocol`).
+/// The consumer-group protocol (see `pacer_rules::GroupProtocol`, whose spellings a test
+/// checks against these).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupProtocol {
@@ -168,7 +175,10 @@ impl From<GroupProtocol> for pacer_rules::GroupProtocol {
 #[serde(rename_all = "camelCase")]
 pub struct SecretConfig {
     /// The librdkafka property name, e.g. `sasl.password`.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9.]+$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(path = "pacer_rules::kafka::PROPERTY_NAME_PATTERN")
+    )]
     pub key: String,
     /// The Secret and key holding the value.
     pub secret_key_ref: SecretKeyRef,
@@ -190,28 +200,31 @@ pub struct SecretKeyRef {
 /// using sum to at most these numbers.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = (
-    "self.messagesPerSecond > 0.0",
-    "budget.messagesPerSecond must be greater than 0"
-))]
-#[x_kube(validation = ("self.maxInFlight >= 1", "budget.maxInFlight must be at least 1"))]
-#[x_kube(validation = (
-    "self.leaseSeconds * 1000 > 2 * self.refreshMillis",
-    "budget.leaseSeconds * 1000 must be greater than 2 * budget.refreshMillis so a lease survives a missed refresh"
-))]
+#[x_kube(validation = rate_above_rule())]
+#[x_kube(validation = in_flight_min_rule())]
+#[x_kube(validation = lease_outlives_refreshes_rule())]
 pub struct BudgetSpec {
     /// Global rate in messages per second, summed over all replicas. Greater than 0.
-    #[schemars(range(min = 0.0, max = 1000000.0))]
+    #[schemars(range(
+        min = "pacer_rules::limits::rate::ABOVE",
+        max = "pacer_rules::limits::rate::MAX"
+    ))]
     pub messages_per_second: f64,
 
     /// Global number of messages in flight (handler calls in progress), summed over all
     /// replicas. At least 1.
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(
+        min = "pacer_rules::limits::max_in_flight::MIN",
+        max = "pacer_rules::limits::max_in_flight::MAX"
+    ))]
     pub max_in_flight: i32,
 
     /// Per-replica token-bucket burst, in messages.
     #[serde(default = "default_burst")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(
+        min = "pacer_rules::limits::burst::MIN",
+        max = "pacer_rules::limits::burst::MAX"
+    ))]
     pub burst: i32,
 
     /// How the budget is split: `equal` shares, or `demand` (max-min fair on what each
@@ -222,14 +235,41 @@ pub struct BudgetSpec {
     /// How long a lease is valid without a refresh. A replica that loses the operator
     /// keeps its share this long, then falls back to budget / replicas.
     #[serde(default = "default_lease_seconds")]
-    #[schemars(range(min = 1, max = 3600))]
+    #[schemars(range(
+        min = "pacer_rules::limits::lease_seconds::MIN",
+        max = "pacer_rules::limits::lease_seconds::MAX"
+    ))]
     pub lease_seconds: i32,
 
     /// How often replicas refresh their lease and report demand. Budget edits reach the
     /// replicas within one refresh.
     #[serde(default = "default_refresh_millis")]
-    #[schemars(range(min = 100, max = 600000))]
+    #[schemars(range(
+        min = "pacer_rules::limits::refresh_millis::MIN",
+        max = "pacer_rules::limits::refresh_millis::MAX"
+    ))]
     pub refresh_millis: i32,
+}
+
+// The budget's CEL rules, written from the shared bounds. The schema's `minimum` is
+// inclusive, so "greater than 0" needs a rule of its own.
+fn rate_above_rule() -> Rule {
+    use pacer_rules::limits::rate::ABOVE;
+    Rule::new(format!("self.messagesPerSecond > {ABOVE:?}"))
+        .message(format!("budget.messagesPerSecond must be greater than {ABOVE}").as_str())
+}
+
+fn in_flight_min_rule() -> Rule {
+    use pacer_rules::limits::max_in_flight::MIN;
+    Rule::new(format!("self.maxInFlight >= {MIN}"))
+        .message(format!("budget.maxInFlight must be at least {MIN}").as_str())
+}
+
+fn lease_outlives_refreshes_rule() -> Rule {
+    use pacer_rules::limits::REFRESHES_PER_LEASE as N;
+    Rule::new(format!("self.leaseSeconds * 1000 > {N} * self.refreshMillis")).message(
+        format!("budget.leaseSeconds * 1000 must be greater than {N} * budget.refreshMillis so a lease survives a missed refresh").as_str(),
+    )
 }
 
 fn default_burst() -> i32 {
@@ -240,6 +280,15 @@ fn default_lease_seconds() -> i32 {
 }
 fn default_refresh_millis() -> i32 {
     1000
+}
+
+impl From<BudgetPolicy> for pacer_rules::Policy {
+    fn from(p: BudgetPolicy) -> Self {
+        match p {
+            BudgetPolicy::Equal => pacer_rules::Policy::Equal,
+            BudgetPolicy::Demand => pacer_rules::Policy::Demand,
+        }
+    }
 }
 
 /// How the budget is split between replicas.
@@ -264,7 +313,7 @@ pub struct DeliverySpec {
 
     /// Timeout of one sink call, e.g. `5s` or `500ms`.
     #[serde(default = "default_timeout")]
-    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
     pub timeout: String,
 
     /// Retries of failed sink calls.
@@ -274,13 +323,13 @@ pub struct DeliverySpec {
     /// Topic that receives messages the sink refused permanently (or that exhausted
     /// their attempts). Absent: retry forever, never skip a message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 249))]
+    #[schemars(length(min = 1, max = "pacer_rules::kafka::TOPIC_MAX_LEN"))]
     pub dead_letter_topic: Option<String>,
 
     /// Time a replica has on shutdown to finish in-flight work, commit and release its
     /// lease, e.g. `30s`. The pods' termination grace period is this plus 5 seconds.
     #[serde(default = "default_shutdown_grace")]
-    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
     pub shutdown_grace: String,
 }
 
@@ -316,6 +365,16 @@ pub enum Ordering {
     Partition,
 }
 
+impl From<Ordering> for pacer_rules::Ordering {
+    fn from(o: Ordering) -> Self {
+        match o {
+            Ordering::None => pacer_rules::Ordering::None,
+            Ordering::Key => pacer_rules::Ordering::Key,
+            Ordering::Partition => pacer_rules::Ordering::Partition,
+        }
+    }
+}
+
 /// Retries of failed sink calls, with exponential backoff.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -327,15 +386,18 @@ pub struct RetrySpec {
     /// Attempts per message before it goes to the dead-letter topic. Without a
     /// dead-letter topic, messages are retried forever.
     #[serde(default = "default_max_attempts")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(
+        min = "pacer_rules::limits::max_attempts::MIN",
+        max = "pacer_rules::limits::max_attempts::MAX"
+    ))]
     pub max_attempts: i32,
     /// Delay before the first retry, e.g. `100ms`; doubled per attempt.
     #[serde(default = "default_initial_delay")]
-    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
     pub initial_delay: String,
     /// Longest delay between retries, e.g. `10s`.
     #[serde(default = "default_max_delay")]
-    #[schemars(regex(pattern = r"^[0-9]{1,9}(ms|s|m|h)$"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
     pub max_delay: String,
 }
 
@@ -384,7 +446,7 @@ pub struct HttpSink {
     /// `http://` URL, e.g. `http://127.0.0.1:8080/handle`.
     #[schemars(
         length(min = 8, max = 2048),
-        regex(pattern = r"^http://[^\s,/][^\s,]*$")
+        regex(path = "pacer_rules::names::HTTP_URL_PATTERN")
     )]
     pub url: String,
 }
@@ -394,7 +456,7 @@ pub struct HttpSink {
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSink {
     /// Topic to produce to.
-    #[schemars(length(min = 1, max = 249))]
+    #[schemars(length(min = 1, max = "pacer_rules::kafka::TOPIC_MAX_LEN"))]
     pub topic: String,
 }
 

@@ -135,9 +135,9 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         log_format,
     } = cfg;
     init_tracing(log_format);
-    // The replicas accept only plain HTTP for the coordinator (pacer-runtime config.rs).
-    if !coordinator_url.starts_with("http://") {
-        bail!("--coordinator-url {coordinator_url:?} must be an http:// URL (the coordinator speaks plain HTTP)");
+    // The replicas receive this as `--coordinator`, checked by the same rule.
+    if let Err(e) = pacer_rules::names::http_url(&coordinator_url) {
+        bail!("--coordinator-url: {e} (the coordinator speaks plain HTTP)");
     }
     if replica_image.trim().is_empty() {
         bail!("--replica-image must not be empty");

@@ -38,7 +38,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::build::{self, BuildSettings, FIELD_MANAGER};
-use crate::crd::{BudgetPolicy, ThrottledConsumer, ThrottledConsumerStatus};
+use crate::crd::{ThrottledConsumer, ThrottledConsumerStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
 use crate::validate::{validate, ValidSpec};
@@ -167,10 +167,7 @@ pub fn budget_id(tc: &ThrottledConsumer) -> BudgetId {
 /// The coordinator's settings for a validated spec. Pure.
 pub fn budget_config(v: &ValidSpec) -> BudgetConfig {
     let b = &v.spec.budget;
-    let policy = match b.policy {
-        BudgetPolicy::Equal => Policy::Equal,
-        BudgetPolicy::Demand => Policy::Demand,
-    };
+    let policy = Policy::from(b.policy);
     // Bounds were checked by validate(): all values are positive and small.
     let lease_ms = u64::try_from(b.lease_seconds).unwrap_or(10) * 1000;
     BudgetConfig {

@@ -58,7 +58,7 @@ fn run_refuses_a_coordinator_url_that_is_not_http_before_touching_the_cluster() 
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
-        stderr.contains(r#"--coordinator-url "pacer:8080" must be an http:// URL (the coordinator speaks plain HTTP)"#),
+        stderr.contains(r#"--coordinator-url: "pacer:8080" is not an http://HOST[:PORT][/PATH] URL (the coordinator speaks plain HTTP)"#),
         "{stderr}"
     );
 }

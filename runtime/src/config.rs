@@ -5,15 +5,25 @@
 //! value is reported as `invalid value 'X' for '--flag': <what is accepted>` with exit
 //! code 2. Checks that involve several flags live in [`RunArgs::validate`], which turns
 //! the raw flags into a [`RunConfig`] (pure; no I/O except reading the token file).
+//!
+//! Every rule a flag shares with the ThrottledConsumer CRD or the budgets file (bounds,
+//! the duration syntax, topic and group names, URLs, spellings) is `pacer_rules`', so the
+//! operator never sets an env var that a replica refuses. Durations are a whole number
+//! and a unit: `500ms`, `5s`, `2m`, `1h`.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pacer_budget::client::ClientConfig;
-pub use pacer_rules::GroupProtocol;
+use pacer_rules::duration::{self, DurationRange, RETRY_DELAY, SHUTDOWN_GRACE, TIMEOUT};
+use pacer_rules::kafka::{self, topic_name};
+use pacer_rules::limits::{burst, max_attempts, max_in_flight, IntRange};
+use pacer_rules::names;
+pub use pacer_rules::{GroupProtocol, Ordering};
 
 /// `pacer`: one replica of a globally throttled Kafka consumer fleet.
 #[derive(Debug, Parser)]
@@ -33,27 +43,16 @@ pub enum Command {
     Demo(DemoArgs),
 }
 
-/// Message ordering enforced by the dispatcher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Ordering {
-    /// Any number of messages of a partition in flight at once.
-    None,
-    /// At most one message per key in flight; a key's messages go in offset order.
-    Key,
-    /// At most one message per partition in flight.
-    Partition,
-}
-
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "PACER_BOOTSTRAP_SERVERS", value_parser = non_empty)]
+    #[arg(long, env = "PACER_BOOTSTRAP_SERVERS", value_parser = bootstrap_servers)]
     pub bootstrap_servers: String,
     /// Topic to consume (repeatable; comma-separated in the env var).
-    #[arg(long = "topic", env = "PACER_TOPICS", value_delimiter = ',', required = true, value_parser = non_empty)]
+    #[arg(long = "topic", env = "PACER_TOPICS", value_delimiter = ',', required = true, value_parser = topic)]
     pub topics: Vec<String>,
     /// Consumer group id.
-    #[arg(long, env = "PACER_GROUP_ID", value_parser = non_empty)]
+    #[arg(long, env = "PACER_GROUP_ID", value_parser = group_id)]
     pub group_id: String,
     /// Extra librdkafka property `key=value` (repeatable; comma-separated in the env
     /// var; a piece without `=` continues the previous value, so `a=x,y` keeps `x,y`).
@@ -70,7 +69,7 @@ pub struct RunArgs {
     pub group_protocol: GroupProtocol,
 
     /// Coordinator base URL (`http://host:port`); with it the budget is leased.
-    #[arg(long, env = "PACER_COORDINATOR", value_parser = http_url)]
+    #[arg(long, env = "PACER_COORDINATOR", value_parser = coordinator_url)]
     pub coordinator: Option<String>,
     /// Budget to lease from, `namespace/name`.
     #[arg(long, env = "PACER_BUDGET", value_parser = budget_id)]
@@ -82,18 +81,18 @@ pub struct RunArgs {
     #[arg(long, env = "PACER_MEMBER")]
     pub member: Option<String>,
 
-    /// Standalone rate budget in messages per second, or `unlimited`.
+    /// Standalone rate budget in messages per second (at most 1000000), or `unlimited`.
     #[arg(long, env = "PACER_RATE", value_parser = rate, allow_negative_numbers = true)]
     pub rate: Option<f64>,
     /// Standalone in-flight budget (default 16).
-    #[arg(long, env = "PACER_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    #[arg(long, env = "PACER_MAX_IN_FLIGHT", value_parser = whole_in(max_in_flight::RANGE))]
     pub max_in_flight: Option<u32>,
     /// Token-bucket burst: messages that may go at once after an idle period (raised to
     /// at least 4 ms worth of the rate, the timer's resolution).
-    #[arg(long, env = "PACER_BURST", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "PACER_BURST", default_value_t = 1, value_parser = whole_in(burst::RANGE))]
     pub burst: u32,
     /// Ordering of deliveries.
-    #[arg(long, env = "PACER_ORDERING", value_enum, default_value_t = Ordering::None)]
+    #[arg(long, env = "PACER_ORDERING", default_value_t = Ordering::None, value_parser = ordering())]
     pub ordering: Ordering,
     /// Most messages buffered ahead of the dispatcher: fetching stops at this bound, and
     /// the assigned partitions are paused if the buffer stays full.
@@ -108,23 +107,23 @@ pub struct RunArgs {
     /// Where messages go: `http://HOST:PORT/PATH`, `kafka:TOPIC`, `stdout` or `null`.
     #[arg(long, env = "PACER_SINK", value_parser = sink)]
     pub sink: SinkSpec,
-    /// Timeout of one sink call (`500ms`, `5s`, `1m`).
-    #[arg(long, env = "PACER_TIMEOUT", default_value = "5s", value_parser = duration)]
+    /// Timeout of one sink call (`500ms`, `5s`, `1m`; at most 24h).
+    #[arg(long, env = "PACER_TIMEOUT", default_value = "5s", value_parser = duration_in(TIMEOUT))]
     pub timeout: Duration,
     /// Attempts before a failing message goes to the dead-letter topic.
-    #[arg(long, env = "PACER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    #[arg(long, env = "PACER_MAX_ATTEMPTS", default_value_t = 5, value_parser = whole_in(max_attempts::RANGE))]
     pub max_attempts: u32,
     /// First retry delay; doubled per attempt.
-    #[arg(long, env = "PACER_RETRY_INITIAL_DELAY", default_value = "100ms", value_parser = duration)]
+    #[arg(long, env = "PACER_RETRY_INITIAL_DELAY", default_value = "100ms", value_parser = duration_in(RETRY_DELAY))]
     pub retry_initial_delay: Duration,
     /// Largest retry delay.
-    #[arg(long, env = "PACER_RETRY_MAX_DELAY", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "PACER_RETRY_MAX_DELAY", default_value = "10s", value_parser = duration_in(RETRY_DELAY))]
     pub retry_max_delay: Duration,
     /// Topic for messages that failed permanently; without it they are retried forever.
-    #[arg(long, env = "PACER_DEAD_LETTER_TOPIC", value_parser = non_empty)]
+    #[arg(long, env = "PACER_DEAD_LETTER_TOPIC", value_parser = topic)]
     pub dead_letter_topic: Option<String>,
-    /// How long shutdown and partition revocation wait for in-flight work.
-    #[arg(long, env = "PACER_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    /// How long shutdown and partition revocation wait for in-flight work (at most 1h).
+    #[arg(long, env = "PACER_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration_in(SHUTDOWN_GRACE))]
     pub shutdown_grace: Duration,
     /// Admin HTTP address (`/livez`, `/readyz`, `/metrics`).
     #[arg(long, env = "PACER_ADMIN_ADDR", default_value = "0.0.0.0:9090", value_parser = socket_addr)]
@@ -314,7 +313,12 @@ impl RunArgs {
                 let member = member
                     .or_else(|| std::env::var("HOSTNAME").ok())
                     .unwrap_or_default();
-                member_name(&member).map_err(|m| invalid("--member", m))?;
+                names::member_name(&member).map_err(|e| {
+                    invalid(
+                        "--member",
+                        format!("{member:?}: {e} (set --member or $HOSTNAME)"),
+                    )
+                })?;
                 BudgetSource::Leased {
                     client: ClientConfig {
                         base_url,
@@ -326,17 +330,8 @@ impl RunArgs {
                 }
             }
         };
-        if retry_initial_delay > retry_max_delay {
-            return Err(invalid(
-                "--retry-initial-delay",
-                format!(
-                    "{retry_initial_delay:?} is larger than '--retry-max-delay' {retry_max_delay:?}"
-                ),
-            ));
-        }
-        if timeout.is_zero() {
-            return Err(invalid("--timeout", "0s: must be > 0"));
-        }
+        duration::retry_delays(retry_initial_delay, retry_max_delay, "'--retry-max-delay'")
+            .map_err(|e| invalid("--retry-initial-delay", e))?;
         let kafka_config =
             parse_kafka_config(&kafka_config).map_err(|m| invalid("--kafka-config", m))?;
         if let Some((k, why)) = kafka_config.iter().find_map(|(k, _)| {
@@ -372,13 +367,41 @@ impl RunArgs {
     }
 }
 
-fn non_empty(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        Err("must not be empty".into())
-    } else {
-        Ok(t.to_string())
-    }
+/// A clap parser for a whole number in one of the shared ranges.
+fn whole_in(range: IntRange) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync {
+    // Every shared range lies within 1..=100000, so the value fits.
+    move |s| range.parse(s).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+}
+
+/// A clap parser for a duration in one of the shared ranges.
+fn duration_in(
+    range: DurationRange,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync {
+    move |s| range.check(s)
+}
+
+/// `--ordering`, listing the shared spellings in `--help` and in errors.
+fn ordering() -> impl TypedValueParser<Value = Ordering> {
+    PossibleValuesParser::new(Ordering::NAMES.iter().copied())
+        .map(|name| name.parse::<Ordering>().expect("a listed name parses"))
+}
+
+// Names are trimmed first: the env vars are comma-separated lists that people write
+// with a space after each comma.
+
+fn bootstrap_servers(s: &str) -> Result<String, String> {
+    kafka::bootstrap_servers(s)?;
+    Ok(s.trim().to_string())
+}
+
+fn topic(s: &str) -> Result<String, String> {
+    topic_name(s.trim())?;
+    Ok(s.trim().to_string())
+}
+
+fn group_id(s: &str) -> Result<String, String> {
+    kafka::group_id(s.trim())?;
+    Ok(s.trim().to_string())
 }
 
 /// Turns `--kafka-config` pieces (split at commas by clap) into properties. librdkafka
@@ -387,12 +410,9 @@ fn non_empty(s: &str) -> Result<String, String> {
 pub fn parse_kafka_config(pieces: &[String]) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
     for piece in pieces {
-        let new_key = piece.split_once('=').filter(|(k, _)| {
-            let k = k.trim();
-            !k.is_empty()
-                && k.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        });
+        let new_key = piece
+            .split_once('=')
+            .filter(|(k, _)| kafka::property_name(k.trim()).is_ok());
         match (new_key, out.last_mut()) {
             (Some((k, v)), _) => out.push((k.trim().to_string(), v.trim().to_string())),
             (None, Some((_, v))) => {
@@ -413,56 +433,27 @@ fn group_protocol(s: &str) -> Result<GroupProtocol, String> {
     s.parse()
 }
 
-fn http_url(s: &str) -> Result<String, String> {
-    let rest = s
-        .strip_prefix("http://")
-        .ok_or("expected http://HOST:PORT (the coordinator speaks plain HTTP)")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("expected http://HOST:PORT with a host".into());
-    }
+fn coordinator_url(s: &str) -> Result<String, String> {
+    names::http_url(s).map_err(|e| format!("{e} (the coordinator speaks plain HTTP)"))?;
     Ok(s.trim_end_matches('/').to_string())
 }
 
 fn budget_id(s: &str) -> Result<(String, String), String> {
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok((ns.to_string(), name.to_string()))
-        }
-        _ => Err("expected NAMESPACE/NAME".into()),
-    }
+    let (namespace, name) = s.split_once('/').ok_or("expected NAMESPACE/NAME")?;
+    names::budget_name(namespace).map_err(|e| format!("namespace {e}"))?;
+    names::budget_name(name).map_err(|e| format!("name {e}"))?;
+    Ok((namespace.to_string(), name.to_string()))
 }
 
-/// Accepts a positive finite number or `unlimited` (returned as infinity).
+/// Accepts the shared rate bounds or `unlimited` (returned as infinity).
 pub fn rate(s: &str) -> Result<f64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(f64::INFINITY);
     }
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
-        _ => Err("expected messages per second: a number > 0 and <= 1e9, or 'unlimited'".into()),
-    }
-}
-
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number means seconds).
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let accepted = "expected a duration such as 250ms, 5s, 2m or 1h";
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| accepted.to_string())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(accepted.into()),
-    };
-    if !secs.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&secs) {
-        return Err(format!("{accepted}, at most one year"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    let value = s
+        .parse::<f64>()
+        .map_err(|_| format!("{s:?} is not a number of messages per second, or 'unlimited'"))?;
+    pacer_rules::limits::rate::check(value).map_err(|e| format!("{e}, or 'unlimited'"))
 }
 
 fn sink(s: &str) -> Result<SinkSpec, String> {
@@ -471,16 +462,18 @@ fn sink(s: &str) -> Result<SinkSpec, String> {
         "stdout" => Ok(SinkSpec::Stdout),
         "null" => Ok(SinkSpec::Null),
         _ if s.starts_with("http://") => {
-            let host = &s["http://".len()..];
-            if host.is_empty() || host.starts_with('/') {
-                return Err(accepted.into());
-            }
+            names::http_url(s).map_err(|e| format!("{e}; {accepted}"))?;
+            // The shared rule is what a regular expression and the operator can check;
+            // the HTTP client that will use the URL has the last word.
             reqwest::Url::parse(s).map_err(|e| format!("{accepted} ({e})"))?;
             Ok(SinkSpec::Http(s.to_string()))
         }
         _ => match s.strip_prefix("kafka:") {
-            Some(t) if !t.is_empty() => Ok(SinkSpec::Kafka(t.to_string())),
-            _ => Err(accepted.into()),
+            Some(t) => {
+                topic_name(t).map_err(|e| format!("{e}; {accepted}"))?;
+                Ok(SinkSpec::Kafka(t.to_string()))
+            }
+            None => Err(accepted.into()),
         },
     }
 }
@@ -488,24 +481,6 @@ fn sink(s: &str) -> Result<SinkSpec, String> {
 fn socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| "expected IP:PORT such as 0.0.0.0:9090".into())
-}
-
-/// A member name is 1 to 253 characters of `[A-Za-z0-9._-]` (pod names qualify); this
-/// mirrors the coordinator's check so a bad name fails at start-up, not at the first lease.
-fn member_name(m: &str) -> Result<(), String> {
-    if m.is_empty() || m.len() > 253 {
-        return Err(format!(
-            "'{m}': expected 1 to 253 characters (set --member or $HOSTNAME)"
-        ));
-    }
-    if m.chars()
-        .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
-    {
-        return Err(format!(
-            "'{m}': only letters, digits, '.', '-' and '_' are accepted"
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -537,14 +512,59 @@ mod tests {
     }
 
     #[test]
-    fn durations_accept_common_units_and_reject_garbage() {
-        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(duration("3"), Ok(Duration::from_secs(3)));
-        assert!(duration("5x").is_err());
-        assert!(duration("").is_err());
-        assert!(duration("-1s").is_err());
+    fn durations_take_the_crds_syntax_and_bounds() {
+        let c = run_args(&[
+            "--rate",
+            "5",
+            "--timeout",
+            "250ms",
+            "--shutdown-grace",
+            "1h",
+        ])
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(3600));
+        for (flag, bad) in [
+            ("--timeout", "3"),
+            ("--timeout", "1.5s"),
+            ("--timeout", "0s"),
+            ("--timeout", "25h"),
+            ("--shutdown-grace", "61m"),
+            ("--retry-max-delay", "5x"),
+        ] {
+            let err = run_args(&["--rate", "5", flag, bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains("like 500ms, 5s or 1m, at most"),
+                "{flag} {bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_bounds_are_refused_naming_the_flag_and_the_range() {
+        for (flag, bad, range) in [
+            ("--burst", "10001", "must be 1 to 10000"),
+            ("--max-attempts", "0", "must be 1 to 1000"),
+            ("--max-in-flight", "100001", "must be 1 to 100000"),
+            ("--topic", "orders/dlq", "is not a Kafka topic name"),
+            (
+                "--budget",
+                "Shop/orders",
+                "namespace must be 1 to 253 characters",
+            ),
+        ] {
+            let err = run_args(&["--rate", "5", flag, bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains(range),
+                "{flag} {bad}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -554,7 +574,9 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("--rate"), "{text}");
         assert!(text.contains("-5"), "{text}");
-        assert!(text.contains("> 0"), "{text}");
+        assert!(text.contains("greater than 0"), "{text}");
+        let text = run_args(&["--rate", "1000001"]).unwrap_err().to_string();
+        assert!(text.contains("at most 1000000, or 'unlimited'"), "{text}");
     }
 
     #[test]

@@ -132,7 +132,7 @@ fn coordinator_refuses_a_bad_budgets_file_naming_the_field() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("budgets[0].maxInFlight: must be a whole number >= 1, got 0"),
+        stderr.contains("budgets[0].maxInFlight: 0 is out of range, must be 1 to 100000"),
         "stderr: {stderr}"
     );
     let missing = Command::new(env!("CARGO_BIN_EXE_pacer"))

@@ -31,7 +31,7 @@ fn bad_configuration_exits_with_code_2_naming_the_flag_the_value_and_what_is_acc
     let cases: &[(&[&str], &[&str])] = &[
         (
             &["--sink", "null", "--rate", "-5"],
-            &["--rate", "-5", "> 0"],
+            &["--rate", "-5", "greater than 0"],
         ),
         (
             &["--sink", "ftp://x", "--rate", "5"],
