@@ -589,6 +589,7 @@ fn operator_budget_file_and_runtime_accept_and_refuse_the_same_values() {
             ));
         }
     }
+    let _ = std::fs::remove_file(token_file());
     assert!(
         disagreements.is_empty(),
         "{} of {} cases disagree:\n  {}",
