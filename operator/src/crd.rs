@@ -61,7 +61,7 @@ pub struct ThrottledConsumerSpec {
     /// never multiplies the load on what the handlers call. Driven by `kubectl scale`,
     /// an HPA or a KEDA ScaledObject through the scale subresource.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 0, max = "crate::validate::MAX_REPLICAS"))]
     pub replicas: i32,
 
     /// The Kafka topics and consumer group to read.
@@ -80,7 +80,7 @@ pub struct ThrottledConsumerSpec {
     /// Container image of the replicas. Defaults to the image the operator was installed
     /// with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = "IMAGE_MAX_LEN"))]
     pub image: Option<String>,
 
     /// Pod template merged into the replicas' pods: a handler sidecar, resources, node
@@ -104,17 +104,31 @@ fn default_replicas() -> i32 {
     1
 }
 
+// Bounds only the operator and its CRD know (the replicas never see these fields), each
+// defined once: the schema above states them and `validate` checks them, so a spec the
+// API server stores is never one the operator then refuses, or the other way round (a
+// test on a real API server compares the two verdicts on every bound).
+
+/// Longest `spec.image`.
+pub const IMAGE_MAX_LEN: usize = 512;
+/// Longest `spec.kafka.bootstrapServers`.
+pub const BOOTSTRAP_SERVERS_MAX_LEN: usize = 2048;
+/// Most `spec.kafka.topics`.
+pub const TOPICS_MAX: usize = 64;
+/// Most `spec.kafka.secretConfig` entries.
+pub const SECRET_CONFIG_MAX: usize = 16;
+
 /// The Kafka side of the fleet.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSpec {
     /// Comma-separated `host:port` list of bootstrap brokers.
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = "BOOTSTRAP_SERVERS_MAX_LEN"))]
     pub bootstrap_servers: String,
 
     /// Topics to consume.
     #[schemars(
-        length(min = 1, max = 64),
+        length(min = 1, max = "TOPICS_MAX"),
         inner(length(min = 1, max = "pacer_rules::kafka::TOPIC_MAX_LEN"))
     )]
     pub topics: Vec<String>,
@@ -137,7 +151,7 @@ pub struct KafkaSpec {
     /// `sasl.password`. The values may not contain `,` (they travel in a comma-separated
     /// list).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = "SECRET_CONFIG_MAX"))]
     pub secret_config: Vec<SecretConfig>,
 
     /// Consumer-group protocol: `classic` (any Kafka; cooperative-sticky assignor) or
@@ -176,7 +190,7 @@ impl From<GroupProtocol> for pacer_rules::GroupProtocol {
 pub struct SecretConfig {
     /// The librdkafka property name, e.g. `sasl.password`.
     #[schemars(
-        length(min = 1, max = 253),
+        length(min = 1, max = "pacer_rules::names::NAME_MAX_LEN"),
         regex(path = "pacer_rules::kafka::PROPERTY_NAME_PATTERN")
     )]
     pub key: String,
@@ -189,10 +203,10 @@ pub struct SecretConfig {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = "pacer_rules::names::NAME_MAX_LEN"))]
     pub name: String,
     /// Key within the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = "pacer_rules::names::NAME_MAX_LEN"))]
     pub key: String,
 }
 
@@ -466,7 +480,7 @@ pub struct KafkaSink {
 pub struct PodDisruptionBudgetSpec {
     /// Replicas that may be unavailable at once during voluntary disruptions.
     #[serde(default = "default_max_unavailable")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 0, max = "crate::validate::MAX_REPLICAS"))]
     pub max_unavailable: i32,
 }
 

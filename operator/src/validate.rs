@@ -15,10 +15,12 @@ use std::time::Duration;
 use pacer_rules::duration::{self, RETRY_DELAY, SHUTDOWN_GRACE, TIMEOUT};
 use pacer_rules::kafka::{self, topic_name};
 use pacer_rules::limits::{self, burst, lease_seconds, max_attempts, max_in_flight, rate};
+use pacer_rules::names::NAME_MAX_LEN;
 use pacer_rules::{names, GroupProtocol};
 
 use crate::crd::{
-    BudgetPolicy, BudgetSpec, DeliverySpec, KafkaSpec, Ordering, SinkSpec, ThrottledConsumerSpec,
+    self, BudgetPolicy, BudgetSpec, DeliverySpec, KafkaSpec, Ordering, SinkSpec,
+    ThrottledConsumerSpec,
 };
 
 /// One field that is not acceptable.
@@ -110,13 +112,16 @@ pub fn validate(spec: &ThrottledConsumerSpec) -> Result<ValidSpec, InvalidSpec> 
     check_budget(&spec.budget, &mut errors);
     let durations = check_delivery(&spec.delivery, &mut errors);
     check_sink(&spec.sink, &mut errors);
-    if spec.image.as_ref().is_some_and(|i| i.trim().is_empty()) {
-        errors.add("spec.image", "must not be empty when set");
+    if let Some(image) = &spec.image {
+        if image.trim().is_empty() {
+            errors.add("spec.image", "must not be empty when set");
+        }
+        errors.check("spec.image", at_most(image, crd::IMAGE_MAX_LEN));
     }
     if let Some(pdb) = &spec.pod_disruption_budget {
-        if pdb.max_unavailable < 0 {
+        if !(0..=MAX_REPLICAS).contains(&pdb.max_unavailable) {
             let message = format!(
-                "{} is out of range, must be at least 0",
+                "{} is out of range, must be 0 to {MAX_REPLICAS}",
                 pdb.max_unavailable
             );
             errors.add("spec.podDisruptionBudget.maxUnavailable", message);
@@ -147,8 +152,28 @@ fn check_kafka(k: &KafkaSpec, errors: &mut Errors) {
         "spec.kafka.bootstrapServers",
         kafka::bootstrap_servers(&k.bootstrap_servers),
     );
+    errors.check(
+        "spec.kafka.bootstrapServers",
+        at_most(&k.bootstrap_servers, crd::BOOTSTRAP_SERVERS_MAX_LEN),
+    );
     if k.topics.is_empty() {
         errors.add("spec.kafka.topics", "must name at least one topic");
+    }
+    if k.topics.len() > crd::TOPICS_MAX {
+        let message = format!(
+            "{} topics, at most {} allowed",
+            k.topics.len(),
+            crd::TOPICS_MAX
+        );
+        errors.add("spec.kafka.topics", message);
+    }
+    if k.secret_config.len() > crd::SECRET_CONFIG_MAX {
+        let message = format!(
+            "{} entries, at most {} allowed",
+            k.secret_config.len(),
+            crd::SECRET_CONFIG_MAX
+        );
+        errors.add("spec.kafka.secretConfig", message);
     }
     for (i, t) in k.topics.iter().enumerate() {
         errors.check(&format!("spec.kafka.topics[{i}]"), topic_name(t));
@@ -168,9 +193,20 @@ fn check_kafka(k: &KafkaSpec, errors: &mut Errors) {
         }
     }
     for (i, s) in k.secret_config.iter().enumerate() {
+        let field = format!("spec.kafka.secretConfig[{i}]");
         errors.check(
-            &format!("spec.kafka.secretConfig[{i}].key"),
+            &format!("{field}.key"),
             passthrough_property(&s.key, protocol),
+        );
+        errors.check(&format!("{field}.key"), at_most(&s.key, NAME_MAX_LEN));
+        let r = &s.secret_key_ref;
+        errors.check(
+            &format!("{field}.secretKeyRef.name"),
+            at_most(&r.name, NAME_MAX_LEN),
+        );
+        errors.check(
+            &format!("{field}.secretKeyRef.key"),
+            at_most(&r.key, NAME_MAX_LEN),
         );
         if s.secret_key_ref.name.is_empty() || s.secret_key_ref.key.is_empty() {
             errors.add(
@@ -178,6 +214,17 @@ fn check_kafka(k: &KafkaSpec, errors: &mut Errors) {
                 "name and key must not be empty",
             );
         }
+    }
+}
+
+/// `Err` when `s` has more than `max` characters (the API server counts characters for
+/// a schema's `maxLength`).
+fn at_most(s: &str, max: usize) -> Result<(), String> {
+    let n = s.chars().count();
+    if n > max {
+        Err(format!("{n} characters, at most {max} allowed"))
+    } else {
+        Ok(())
     }
 }
 
@@ -374,7 +421,7 @@ mod tests {
             ("/delivery/retry/initialDelay", json!("1m"), "spec.delivery.retry.initialDelay: 1m must not be longer than maxDelay (30s)"),
             ("/sink", json!({"kafka": {"topic": ""}}), r#"spec.sink.kafka.topic: "" is not a Kafka topic name (1 to 249 of a-z A-Z 0-9 . _ -)"#),
             ("/image", json!(""), "spec.image: must not be empty when set"),
-            ("/podDisruptionBudget/maxUnavailable", json!(-1), "spec.podDisruptionBudget.maxUnavailable: -1 is out of range, must be at least 0"),
+            ("/podDisruptionBudget/maxUnavailable", json!(-1), "spec.podDisruptionBudget.maxUnavailable: -1 is out of range, must be 0 to 1000"),
         ];
         for (pointer, value, expected) in cases {
             assert_eq!(

@@ -11,7 +11,9 @@
 //! The API server authenticates bearer tokens from a token file (an admin in
 //! `system:masters`) and service-account tokens signed with a key pair made here, and
 //! authorizes with RBAC only, so a token of a ServiceAccount has exactly the
-//! permissions its (Cluster)RoleBindings grant.
+//! permissions its (Cluster)RoleBindings grant. Every request of a ServiceAccount
+//! outside `kube-system` (a workload under test, not the controller-manager) goes to an
+//! audit log ([`ControlPlane::audit_log`]), so a test can list what a client really did.
 //!
 //! Lifetime: every process runs under one small `sh` that reads commands from a pipe
 //! held by this process. Dropping the [`ControlPlane`] closes the pipe; so does this
@@ -29,6 +31,19 @@ use crate::apache::free_port;
 /// Longest the API server may take to answer `/readyz` (seen here: a few seconds on an
 /// idle machine; a loaded 2-core CI machine gets much more).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the audit log keeps: requests of ServiceAccounts outside `kube-system` (the
+/// controller-manager's controllers run as ServiceAccounts there), at `Metadata` level.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: None
+    userGroups: [\"system:serviceaccounts:kube-system\"]
+  - level: Metadata
+    userGroups: [\"system:serviceaccounts\"]
+  - level: None
+";
 
 static BIN: OnceLock<PathBuf> = OnceLock::new();
 static TOOLS: OnceLock<PathBuf> = OnceLock::new();
@@ -114,6 +129,7 @@ impl ControlPlane {
         )
         .expect("token file");
         cp.write_kubeconfig(&cp.kubeconfig, &admin);
+        std::fs::write(cp.dir.join("audit-policy.yaml"), AUDIT_POLICY).expect("audit policy");
         cp.write_commands(port);
         cp.launch_shell();
         let launched = Instant::now();
@@ -135,6 +151,13 @@ impl ControlPlane {
     /// A component's log so far.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// The audit log so far: one JSON `audit.k8s.io/v1` Event per line, at `Metadata`
+    /// level (who, verb, object, response code), for requests of ServiceAccounts outside
+    /// `kube-system`, written when the response completes.
+    pub fn audit_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default()
     }
 
     /// kubectl as the admin.
@@ -178,9 +201,9 @@ impl ControlPlane {
         ok(self.kubectl(args), "kubectl", args)
     }
 
-    /// helm as the admin; panics with its output unless it succeeds; returns stdout.
-    pub fn helm_ok(&self, args: &[&str]) -> String {
-        let out = Command::new(tools_dir().join("helm"))
+    /// helm as the admin, with its caches in this control plane's folder.
+    pub fn helm(&self, args: &[&str]) -> Output {
+        Command::new(tools_dir().join("helm"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
@@ -189,8 +212,12 @@ impl ControlPlane {
             .env("HELM_DATA_HOME", self.dir.join("helm/data"))
             .stdin(Stdio::null())
             .output()
-            .expect("helm");
-        ok(out, "helm", args)
+            .expect("helm")
+    }
+
+    /// helm as the admin; panics with its output unless it succeeds; returns stdout.
+    pub fn helm_ok(&self, args: &[&str]) -> String {
+        ok(self.helm(args), "helm", args)
     }
 
     /// Creates a namespace named `prefix-N` (unique in this process) and returns it.
@@ -214,7 +241,12 @@ impl ControlPlane {
     /// controller signs legacy ones with the private half.
     fn write_keys(&self) {
         let key = self.dir.join("certs/sa.key");
-        run_ok(Command::new("openssl").args(["genrsa", "-out"]).arg(&key).arg("2048"));
+        run_ok(
+            Command::new("openssl")
+                .args(["genrsa", "-out"])
+                .arg(&key)
+                .arg("2048"),
+        );
         run_ok(
             Command::new("openssl")
                 .args(["rsa", "-pubout", "-in"])
@@ -260,6 +292,8 @@ impl ControlPlane {
              --service-account-key-file={d}/certs/sa.pub \
              --service-account-signing-key-file={d}/certs/sa.key \
              --token-auth-file={d}/tokens.csv --authorization-mode=RBAC \
+             --audit-policy-file={d}/audit-policy.yaml --audit-log-path={d}/audit.log \
+             --audit-log-mode=blocking \
              --allow-privileged=true --enable-priority-and-fairness=false \
              --profiling=false -v=1",
             bin = bin.display()

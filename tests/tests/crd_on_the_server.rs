@@ -28,7 +28,12 @@ fn examples() -> Vec<(String, Value)> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), yaml(&p)))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                yaml(&p),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
@@ -86,7 +91,10 @@ impl Case {
         let mut v = full_example();
         // The full example's sink is HTTP; a Kafka sink's field replaces it, so the case
         // does not also break "exactly one sink".
-        if self.path.starts_with(&["spec".into(), "sink".into(), "kafka".into()]) {
+        if self
+            .path
+            .starts_with(&["spec".into(), "sink".into(), "kafka".into()])
+        {
             v["spec"]["sink"] = json!({"kafka": {"topic": "out"}});
         }
         set(&mut v, &self.path, self.value.clone());
@@ -190,8 +198,16 @@ fn bound_cases(schema: &Value, path: &[String], base: &Value, out: &mut Vec<Case
         );
     }
     if let Some(n) = schema["maxLength"].as_u64() {
-        case(format!("maxLength {n}"), json!("a".repeat(n as usize + 1)), true);
-        case(format!("maxLength {n}, at it"), json!("a".repeat(n as usize)), false);
+        case(
+            format!("maxLength {n}"),
+            json!("a".repeat(n as usize + 1)),
+            true,
+        );
+        case(
+            format!("maxLength {n}, at it"),
+            json!("a".repeat(n as usize)),
+            false,
+        );
     }
     if let Some(p) = schema["pattern"].as_str() {
         case(format!("pattern {p}"), json!("has space!"), true);
@@ -291,7 +307,10 @@ fn cel_messages(v: &Value, out: &mut BTreeSet<String>) {
 #[test]
 fn the_crd_is_served_and_the_server_and_the_operator_agree_on_every_rule() {
     let cp = ControlPlane::start();
-    eprintln!("control plane ready in {:.1} s", cp.started_in.as_secs_f64());
+    eprintln!(
+        "control plane ready in {:.1} s",
+        cp.started_in.as_secs_f64()
+    );
     let crd = crd_path();
     cp.kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
     cp.kubectl_ok(&[
@@ -311,8 +330,7 @@ fn the_crd_is_served_and_the_server_and_the_operator_agree_on_every_rule() {
 
     // Bounds from the schema, each just inside and just outside.
     let crd_doc = yaml(&crd);
-    let schema = &crd_doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
-        ["spec"];
+    let schema = &crd_doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let mut cases = Vec::new();
     bound_cases(schema, &["spec".to_string()], &full_example(), &mut cases);
     // CEL rules, each violated once.
@@ -333,7 +351,10 @@ fn the_crd_is_served_and_the_server_and_the_operator_agree_on_every_rule() {
         .iter()
         .filter(|r| !covered.iter().any(|c| r.starts_with(c)))
         .collect();
-    assert!(untested.is_empty(), "CEL rules without a case: {untested:?}");
+    assert!(
+        untested.is_empty(),
+        "CEL rules without a case: {untested:?}"
+    );
 
     let mut problems = Vec::new();
     let mut refused = 0;
