@@ -49,6 +49,9 @@ async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit(
         .state
         .max_concurrent
         .load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "in-flight limit 4, 50 ms sink: at most {max} concurrent at the sink, {rate:.1} msg/s"
+    );
     assert!(
         max <= 4,
         "the sink saw {max} concurrent requests with a limit of 4"
@@ -186,6 +189,11 @@ async fn a_400_goes_to_the_dead_letter_topic_with_error_headers_and_the_stream_m
     .await;
     let dlq = kafka.read_all("bad-dlq", 10, Duration::from_secs(20));
     r.stop().await;
+    eprintln!(
+        "dead-letter topic: {} records read back, headers of the first: {:?}",
+        dlq.len(),
+        dlq.first().map(|(_, h)| h)
+    );
     assert_eq!(dlq.len(), 10);
     for (value, headers) in &dlq {
         let id: usize = std::str::from_utf8(&value[..8]).unwrap().parse().unwrap();

@@ -132,6 +132,11 @@ async fn rebalance(kafka: Kafka<'static>, protocol: GroupProtocol) {
         .iter()
         .filter_map(|s| s.id)
         .collect();
+    eprintln!(
+        "{protocol}: the fresh replica got {} messages, all of the stuck message's partition: {}",
+        redelivered.len(),
+        redelivered.iter().all(|i| i % 6 == STUCK % 6)
+    );
     assert!(
         redelivered.iter().all(|i| i % 6 == STUCK % 6),
         "other partitions were re-delivered: {redelivered:?}"
