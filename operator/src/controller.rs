@@ -1,6 +1,7 @@
 //! Wiring: the ThrottledConsumer watch (through [`DeserializeGuard`], so one malformed
-//! object cannot stop the others), the watches of owned children, readiness, and the
-//! sweep that drops budgets of deleted objects from the coordinator.
+//! object cannot stop the others), the watches of owned children, the reconciler
+//! wrapped by [`events::reconcile_and_tell`], readiness, and the sweep that drops
+//! budgets of deleted objects from the coordinator.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,16 +14,17 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::DeserializeGuard;
-use kube::runtime::controller::Controller;
+use kube::runtime::controller::{Controller, Error as ControllerError};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use pacer_budget::service::BudgetId;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::build::FIELD_MANAGER;
 use crate::crd::ThrottledConsumer;
-use crate::reconcile::{error_policy, reconcile, Context};
+use crate::events::{self, Events};
+use crate::reconcile::{error_policy, Context};
 
 /// How often budgets of deleted ThrottledConsumers are dropped. A deleted object's pods
 /// are being garbage-collected meanwhile, so a few seconds of a stale ledger cost
@@ -30,6 +32,13 @@ use crate::reconcile::{error_policy, reconcile, Context};
 pub const GC_INTERVAL: Duration = Duration::from_secs(15);
 
 type Guarded = DeserializeGuard<ThrottledConsumer>;
+
+/// What the controller hands each reconcile: the reconciler's context and the events.
+#[derive(Debug)]
+struct Wired {
+    ctx: Arc<Context>,
+    events: Arc<Events>,
+}
 
 fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
@@ -64,13 +73,27 @@ pub async fn run(
     .owns(api::<PodDisruptionBudget>(&client, ns), managed)
     .graceful_shutdown_on(shutdown);
     let store = controller.store();
-    let sweeper = tokio::spawn(sweep_budgets(store, ctx.clone(), ready));
+    let events = Arc::new(Events::new(client.clone()));
+    let sweeper = tokio::spawn(sweep_budgets(store, ctx.clone(), events.clone(), ready));
     info!(namespace = ns.unwrap_or("<all>"), "Controller started");
     controller
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |guard, w: Arc<Wired>| {
+                events::reconcile_and_tell(guard, w.ctx.clone(), w.events.clone())
+            },
+            |guard, error, w| error_policy(guard, error, w.ctx.clone()),
+            Arc::new(Wired { ctx, events }),
+        )
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => debug!(object = %obj, "Reconciled"),
+                // A failing watch (a missing permission, a CRD that is not installed)
+                // keeps the operator from ever seeing objects: say so loudly. The
+                // watcher retries with backoff.
+                Err(ControllerError::QueueError(e)) => {
+                    warn!(error = %e, "Watch failed; retrying")
+                }
+                // Already logged by error_policy, with its category.
                 Err(e) => debug!(error = %e, "Reconcile error"),
             }
         })
@@ -80,8 +103,13 @@ pub async fn run(
 }
 
 /// Marks the operator ready once the store is synced, then periodically removes the
-/// budgets whose ThrottledConsumer is gone.
-async fn sweep_budgets(store: Store<Guarded>, ctx: Arc<Context>, ready: Arc<AtomicBool>) {
+/// budgets (and what the events remember) of ThrottledConsumers that are gone.
+async fn sweep_budgets(
+    store: Store<Guarded>,
+    ctx: Arc<Context>,
+    events: Arc<Events>,
+    ready: Arc<AtomicBool>,
+) {
     if store.wait_until_ready().await.is_err() {
         return;
     }
@@ -106,6 +134,7 @@ async fn sweep_budgets(store: Store<Guarded>, ctx: Arc<Context>, ready: Arc<Atom
             ctx.forget(&id);
             info!(budget = %id, "Budget of a deleted ThrottledConsumer removed");
         }
+        events.retain(&live);
         ctx.metrics.budgets.set(ctx.coordinator.ids().len() as i64);
     }
 }

@@ -25,6 +25,8 @@
 //! - [`status`]: pure status and conditions, time passed in.
 //! - [`reconcile`]: the steps, the error type and the backoff; the only API writer.
 //! - [`controller`]: watches (through `DeserializeGuard`), readiness, budget sweep.
+//! - [`events`]: Kubernetes Events for `kubectl describe` (invalid spec, scaled, budget
+//!   changed, leases expired), decided by pure functions after each reconcile.
 //! - [`admin`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
 //!
 //! The operator must run as a single replica: the coordinator's ledgers live in its
@@ -36,6 +38,7 @@ pub mod admin;
 pub mod build;
 pub mod controller;
 pub mod crd;
+pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod metrics;

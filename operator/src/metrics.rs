@@ -25,7 +25,7 @@ pub struct CategoryLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
-    /// `deployment`, `secret`, `pdb`, `status`.
+    /// `deployment`, `secret`, `pdb`, `status`, `event`.
     pub kind: &'static str,
     /// `apply`, `create`, `delete`, `skip` (up to date).
     pub action: &'static str,

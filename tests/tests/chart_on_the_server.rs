@@ -1,0 +1,1026 @@
+//! The Helm chart on a real kube-apiserver (with kube-controller-manager), and the
+//! operator running as the chart's ServiceAccount.
+//!
+//! - `helm install` with the default values and with every option on, `helm upgrade`
+//!   with changed values, `helm uninstall` (which leaves the CRD and the
+//!   ThrottledConsumers in place).
+//! - The real `pacer-operator run` binary, out of cluster, authenticated with a token of
+//!   the chart's ServiceAccount, so it has exactly the permissions the chart grants: it
+//!   reconciles a ThrottledConsumer (token Secret, Deployment, PodDisruptionBudget,
+//!   status), tells what happened in Kubernetes Events, and its children are
+//!   garbage-collected after the object is deleted. A 403 anywhere in its log fails the
+//!   test at once. The API server's audit log lists every request the operator made, and
+//!   each permission the chart grants must show up there (or be on a short list that
+//!   says why it cannot), so a permission the code stopped using is noticed.
+//!
+//! Every wait is a bounded poll on something observable; the operator runs under a
+//! shell that kills it when this process goes away, however it ends.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pacer_tests::apache::free_port;
+use pacer_tests::k8s::{repo_root, ControlPlane};
+use serde_json::{json, Value};
+
+/// The release name. It contains the chart's name, so the chart's objects are named
+/// just `pacer` (`pacer.fullname` in `_helpers.tpl`).
+const RELEASE: &str = "pacer";
+const FULLNAME: &str = "pacer";
+const CRD: &str = "throttledconsumers.pacer.dev";
+
+/// Longest wait for anything the operator or the controllers do.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// prometheus-operator's ServiceMonitor, as little of it as the API server needs to
+/// serve the kind (any spec is kept).
+const SERVICE_MONITOR_CRD: &str = r#"{
+  "apiVersion": "apiextensions.k8s.io/v1",
+  "kind": "CustomResourceDefinition",
+  "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+  "spec": {
+    "group": "monitoring.coreos.com",
+    "scope": "Namespaced",
+    "names": {"kind": "ServiceMonitor", "listKind": "ServiceMonitorList",
+              "plural": "servicemonitors", "singular": "servicemonitor"},
+    "versions": [{"name": "v1", "served": true, "storage": true,
+                  "schema": {"openAPIV3Schema": {"type": "object",
+                             "x-kubernetes-preserve-unknown-fields": true}}}]
+  }
+}"#;
+
+fn chart() -> String {
+    repo_root().join("charts/pacer").display().to_string()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `kubectl get ARGS -o json`, or `None` when it fails (not found).
+fn get(cp: &ControlPlane, args: &[&str]) -> Option<Value> {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    let out = cp.kubectl(&a);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("kubectl -o json"))
+}
+
+fn exists(cp: &ControlPlane, args: &[&str]) -> bool {
+    get(cp, args).is_some()
+}
+
+/// Polls `probe` every 100-500 ms until it returns `Some`, for at most `timeout`; then
+/// panics naming `what`, with `diagnose()`'s output.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+    diagnose: impl Fn() -> String,
+) -> T {
+    let from = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            from.elapsed() < timeout,
+            "not within {timeout:?}: {what}\n{}",
+            diagnose()
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// Waits until a CRD is `Established` (its kind is served).
+fn await_established(cp: &ControlPlane, crd: &str) {
+    wait_for(
+        &format!("CRD {crd} established"),
+        WAIT,
+        || {
+            let v = get(cp, &["crd", crd])?;
+            conditions_of(&v)
+                .iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+                .then_some(())
+        },
+        String::new,
+    );
+}
+
+fn conditions_of(v: &Value) -> Vec<Value> {
+    v["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn condition(v: &Value, type_: &str) -> Option<Value> {
+    conditions_of(v).into_iter().find(|c| c["type"] == type_)
+}
+
+/// The operator container's env as NAME -> value.
+fn operator_env(cp: &ControlPlane, ns: &str) -> BTreeMap<String, String> {
+    let d = get(cp, &["deployment", FULLNAME, "-n", ns]).expect("the operator's Deployment");
+    d["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A ThrottledConsumer example with its name and namespace replaced.
+fn example(file: &str, name: &str, ns: &str) -> Value {
+    let text = std::fs::read_to_string(repo_root().join("crds/examples").join(file)).unwrap();
+    let mut v: Value = serde_yaml::from_str(&text).unwrap();
+    v["metadata"] = json!({"name": name, "namespace": ns});
+    v
+}
+
+fn apply(cp: &ControlPlane, obj: &Value) {
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], &obj.to_string());
+    assert!(
+        out.status.success(),
+        "kubectl apply of {obj} failed: {}",
+        text(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------
+// The operator as a child process.
+
+/// `pacer-operator`, next to this test's own target directory (`cargo build --bins`,
+/// which the test command runs, builds it).
+fn operator_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("pacer-operator");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p pacer-operator` first",
+        bin.display()
+    );
+    bin
+}
+
+/// `pacer-operator run` against the control plane with a ServiceAccount's kubeconfig,
+/// killed and reaped when dropped (or when this process dies: it runs under a shell
+/// that reads a pipe from this process and kills it at end of file).
+struct Operator {
+    shell: Option<(Child, ChildStdin)>,
+    log: PathBuf,
+    admin: u16,
+    coordinator: u16,
+}
+
+impl Operator {
+    fn start(kubeconfig: &Path, watch_namespace: Option<&str>) -> Operator {
+        let (coordinator, admin) = (free_port(), free_port());
+        let log = kubeconfig.with_extension(format!("operator-{admin}.log"));
+        let mut argv: Vec<String> = vec![
+            operator_bin().display().to_string(),
+            "run".into(),
+            format!("--coordinator-addr=127.0.0.1:{coordinator}"),
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            format!("--coordinator-url=http://127.0.0.1:{coordinator}"),
+            "--replica-image=ghcr.io/pacer-dev/pacer:test".into(),
+            // A status refresh a second, so an expired lease shows within a second.
+            "--resync-seconds=1".into(),
+            "--log-format=text".into(),
+        ];
+        if let Some(ns) = watch_namespace {
+            argv.push(format!("--watch-namespace={ns}"));
+        }
+        let script = r#"
+            "$@" </dev/null >>"$PACER_OPERATOR_LOG" 2>&1 &
+            p=$!
+            echo "$p" > "$PACER_OPERATOR_LOG.pid"
+            read -r _
+            kill -KILL "$p" 2>/dev/null; { wait "$p"; } 2>/dev/null
+        "#;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("operator")
+            .args(&argv)
+            .env("PACER_OPERATOR_LOG", &log)
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("PACER_TEST_OPERATOR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sh for the operator");
+        let stdin = child.stdin.take().expect("operator pipe");
+        Operator {
+            shell: Some((child, stdin)),
+            log,
+            admin,
+            coordinator,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the log if the operator was refused anything (a permission the
+    /// chart does not grant) or exited.
+    fn assert_healthy(&mut self) {
+        let log = self.log();
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("403") || l.to_lowercase().contains("forbidden"))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "the operator was refused by RBAC (a permission missing from charts/pacer/templates/rbac.yaml):\n{}",
+            refused.join("\n")
+        );
+        if let Some(pid) = self.pid() {
+            // A child of the shell: a zombie until the shell reaps it on drop.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state.rsplit(')').next().unwrap_or_default().trim_start();
+            assert!(
+                !(state.is_empty() || state.starts_with('Z')),
+                "the operator exited:\n{}",
+                tail(&log, 40)
+            );
+        }
+    }
+
+    /// The operator's process id, once the shell has started it.
+    fn pid(&self) -> Option<u32> {
+        let mut path = self.log.clone().into_os_string();
+        path.push(".pid");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Waits until `/readyz` answers 200 (the ThrottledConsumer watch has listed).
+    fn await_ready(&mut self) {
+        let (admin, log) = (self.admin, self.log.clone());
+        let started = Instant::now();
+        wait_for(
+            "the operator's /readyz answers 200",
+            WAIT,
+            || {
+                self.assert_healthy();
+                (http_status(admin, "/readyz") == Some(200)).then_some(())
+            },
+            || {
+                format!(
+                    "/readyz: {:?}; operator log:\n{}",
+                    http_status(admin, "/readyz"),
+                    tail(&std::fs::read_to_string(&log).unwrap_or_default(), 40)
+                )
+            },
+        );
+        println!("operator ready in {:?}", started.elapsed());
+    }
+
+    /// Waits for `probe`, failing at once on a 403 and with the log's tail on timeout.
+    fn wait<T>(&mut self, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+        let log = self.log.clone();
+        let started = Instant::now();
+        let v = wait_for(
+            what,
+            WAIT,
+            || {
+                self.assert_healthy();
+                probe()
+            },
+            || {
+                format!(
+                    "operator log:\n{}",
+                    tail(&std::fs::read_to_string(&log).unwrap_or_default(), 40)
+                )
+            },
+        );
+        println!("  {what}: {:?}", started.elapsed());
+        v
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some((mut child, stdin)) = self.shell.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port` (plain HTTP/1.0), or `None` when
+/// nothing answers.
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------
+// Events.
+
+/// The events about object `name` in `ns` as (type, reason, note), oldest first, through
+/// the core/v1 view `kubectl describe` reads (events.k8s.io events show there too).
+fn events_about(cp: &ControlPlane, ns: &str, name: &str) -> Vec<(String, String, String)> {
+    let selector = format!("involvedObject.name={name},involvedObject.kind=ThrottledConsumer");
+    let Some(list) = get(cp, &["events", "-n", ns, "--field-selector", &selector]) else {
+        return Vec::new();
+    };
+    let mut items = list["items"].as_array().cloned().unwrap_or_default();
+    items.sort_by_key(|e| {
+        e["eventTime"]
+            .as_str()
+            .or(e["lastTimestamp"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    });
+    items
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn find_event(
+    cp: &ControlPlane,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    reason: &str,
+    note_contains: &str,
+) -> Option<String> {
+    events_about(cp, ns, name)
+        .into_iter()
+        .find(|(t, r, n)| t == type_ && r == reason && n.contains(note_contains))
+        .map(|(_, _, n)| n)
+}
+
+// ---------------------------------------------------------------------------------
+// RBAC: what the chart grants, what the operator did.
+
+/// (apiGroup, resource[/subresource], verb) triples.
+type Grants = BTreeSet<(String, String, String)>;
+
+fn granted(role: &Value) -> Grants {
+    let mut out = Grants::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        for g in rule["apiGroups"].as_array().unwrap() {
+            for r in rule["resources"].as_array().unwrap() {
+                for v in rule["verbs"].as_array().unwrap() {
+                    out.insert((
+                        g.as_str().unwrap().into(),
+                        r.as_str().unwrap().into(),
+                        v.as_str().unwrap().into(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What `user` asked the API server, from the audit log, with the response codes seen.
+fn used_by(cp: &ControlPlane, user: &str) -> BTreeMap<(String, String, String), BTreeSet<u64>> {
+    let mut out: BTreeMap<_, BTreeSet<u64>> = BTreeMap::new();
+    for line in cp.audit_log().lines() {
+        let Ok(e) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        // A watch is long-running: audited when its response starts (and when it ends).
+        if e["user"]["username"] != user
+            || !(e["stage"] == "ResponseComplete" || e["stage"] == "ResponseStarted")
+        {
+            continue;
+        }
+        let o = &e["objectRef"];
+        let Some(resource) = o["resource"].as_str() else {
+            continue; // discovery and other non-resource URLs
+        };
+        let resource = match o["subresource"].as_str() {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_string(),
+        };
+        let group = o["apiGroup"].as_str().unwrap_or_default().to_string();
+        let verb = e["verb"].as_str().unwrap_or_default().to_string();
+        let code = e["responseStatus"]["code"].as_u64().unwrap_or(0);
+        // A server-side apply that creates the object is audited as a patch answered
+        // 201; the API server authorized it as a create as well.
+        if verb == "patch" && code == 201 {
+            out.entry((group.clone(), resource.clone(), "create".into()))
+                .or_default()
+                .insert(code);
+        }
+        out.entry((group, resource, verb)).or_default().insert(code);
+    }
+    out
+}
+
+/// Grants the audit log cannot show in use, and why each is still needed.
+const NOT_VISIBLE_IN_AUDIT: &[(&str, &str, &str, &str)] = &[(
+        "events.k8s.io",
+        "events",
+        "patch",
+        "kube's Recorder patches an event into a series when the same event about the same object version repeats within 6 minutes",
+)];
+
+// ---------------------------------------------------------------------------------
+// 1. Install, upgrade, uninstall.
+
+#[test]
+fn default_install_upgrade_and_uninstall_which_leaves_the_crd_and_the_objects() {
+    let cp = ControlPlane::start();
+    println!("control plane ready in {:?}", cp.started_in);
+    let ns = cp.namespace("pacer-system");
+
+    let t = Instant::now();
+    let notes = cp.helm_ok(&["install", RELEASE, &chart(), "-n", &ns]);
+    println!("helm install (defaults): {:?}", t.elapsed());
+    assert!(notes.contains("STATUS: deployed"), "{notes}");
+    await_established(&cp, CRD);
+    for what in [
+        vec!["serviceaccount", FULLNAME, "-n", &ns],
+        vec!["clusterrole", FULLNAME],
+        vec!["clusterrolebinding", FULLNAME],
+        vec!["deployment", FULLNAME, "-n", &ns],
+        vec!["service", FULLNAME, "-n", &ns],
+    ] {
+        assert!(exists(&cp, &what), "helm install made no {what:?}");
+    }
+    for what in [
+        vec!["role", FULLNAME, "-n", &ns],
+        vec!["networkpolicy", FULLNAME, "-n", &ns],
+    ] {
+        assert!(!exists(&cp, &what), "{what:?} is off by default");
+    }
+    let binding = get(&cp, &["clusterrolebinding", FULLNAME]).unwrap();
+    assert_eq!(
+        binding["subjects"][0],
+        json!({"kind": "ServiceAccount", "name": FULLNAME, "namespace": ns})
+    );
+    let env = operator_env(&cp, &ns);
+    assert_eq!(env["PACER_OPERATOR_RESYNC_SECONDS"], "10");
+    assert_eq!(env["RUST_LOG"], "info");
+    assert_eq!(
+        env["PACER_OPERATOR_COORDINATOR_URL"],
+        format!("http://{FULLNAME}.{ns}.svc:8080")
+    );
+    assert!(!env.contains_key("PACER_OPERATOR_WATCH_NAMESPACE"));
+    // The deployment controller accepts it: a ReplicaSet appears (no kubelet runs it).
+    wait_for(
+        "the operator's Deployment has a ReplicaSet",
+        WAIT,
+        || {
+            let d = get(&cp, &["deployment", FULLNAME, "-n", &ns])?;
+            (d["status"]["observedGeneration"] == 1).then_some(())
+        },
+        || cp.log("kube-controller-manager"),
+    );
+
+    // A ThrottledConsumer exists (no operator runs in this test).
+    let app = cp.namespace("shop");
+    apply(&cp, &example("minimal.yaml", "audit-export", &app));
+
+    let t = Instant::now();
+    let generation = get(&cp, &["deployment", FULLNAME, "-n", &ns]).unwrap()["metadata"]
+        ["generation"]
+        .as_i64()
+        .unwrap();
+    cp.helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &chart(),
+        "-n",
+        &ns,
+        "--set",
+        "resyncSeconds=30",
+        "--set",
+        "logLevel=debug",
+    ]);
+    println!("helm upgrade: {:?}", t.elapsed());
+    let env = operator_env(&cp, &ns);
+    assert_eq!(env["PACER_OPERATOR_RESYNC_SECONDS"], "30");
+    assert_eq!(env["RUST_LOG"], "debug");
+    let after = get(&cp, &["deployment", FULLNAME, "-n", &ns]).unwrap();
+    assert!(after["metadata"]["generation"].as_i64().unwrap() > generation);
+    assert!(cp
+        .helm_ok(&["history", RELEASE, "-n", &ns])
+        .contains("Upgrade complete"));
+
+    let t = Instant::now();
+    cp.helm_ok(&["uninstall", RELEASE, "-n", &ns, "--wait"]);
+    println!("helm uninstall: {:?}", t.elapsed());
+    for what in [
+        vec!["serviceaccount", FULLNAME, "-n", &ns],
+        vec!["clusterrole", FULLNAME],
+        vec!["clusterrolebinding", FULLNAME],
+        vec!["deployment", FULLNAME, "-n", &ns],
+        vec!["service", FULLNAME, "-n", &ns],
+    ] {
+        wait_for(
+            &format!("{what:?} removed by helm uninstall"),
+            WAIT,
+            || (!exists(&cp, &what)).then_some(()),
+            String::new,
+        );
+    }
+    // Helm never deletes what it installed from crds/: the CRD, and with it every
+    // ThrottledConsumer (and so every fleet), stays.
+    assert!(exists(&cp, &["crd", CRD]), "helm uninstall deleted the CRD");
+    assert!(
+        exists(&cp, &["tc", "audit-export", "-n", &app]),
+        "the ThrottledConsumer is gone"
+    );
+
+    // Installing again over the kept CRD works (helm skips CRDs that exist).
+    cp.helm_ok(&["install", RELEASE, &chart(), "-n", &ns]);
+    assert!(exists(&cp, &["deployment", FULLNAME, "-n", &ns]));
+}
+
+#[test]
+fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
+    let cp = ControlPlane::start();
+    let ns = cp.namespace("pacer-system");
+    let watched = cp.namespace("shop");
+    let watch_set = format!("watchNamespace={watched}");
+    let chart = chart();
+    let mut install = vec!["install", RELEASE, &chart, "-n", &ns];
+    let all_on = [
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        &watch_set,
+        "--set",
+        "rbac.namespaced=true",
+    ];
+    install.extend_from_slice(&all_on);
+
+    // Without prometheus-operator the ServiceMonitor kind does not exist: the install
+    // fails, saying so, and leaves nothing behind.
+    let refused = cp.helm(&install);
+    let err = text(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "installed a ServiceMonitor with no such kind"
+    );
+    assert!(
+        err.contains("ServiceMonitor") && err.contains("monitoring.coreos.com/v1"),
+        "{err}"
+    );
+    println!("without the ServiceMonitor CRD: {}", err.trim());
+    assert_eq!(
+        cp.kubectl_ok(&[
+            "get",
+            "secrets",
+            "-n",
+            &ns,
+            "-l",
+            "owner=helm",
+            "-o",
+            "name"
+        ])
+        .trim(),
+        "",
+        "a failed release was recorded"
+    );
+    assert!(!exists(&cp, &["deployment", FULLNAME, "-n", &ns]));
+    assert!(!exists(&cp, &["role", FULLNAME, "-n", &watched]));
+
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    await_established(&cp, "servicemonitors.monitoring.coreos.com");
+    let t = Instant::now();
+    cp.helm_ok(&install);
+    println!("helm install (every option on): {:?}", t.elapsed());
+
+    // The RBAC is a Role in the watched namespace, not a ClusterRole.
+    assert!(exists(&cp, &["role", FULLNAME, "-n", &watched]));
+    assert!(exists(&cp, &["rolebinding", FULLNAME, "-n", &watched]));
+    assert!(!exists(&cp, &["clusterrole", FULLNAME]));
+    assert!(!exists(&cp, &["clusterrolebinding", FULLNAME]));
+    let np = get(&cp, &["networkpolicy", FULLNAME, "-n", &ns]).expect("NetworkPolicy");
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
+    let sm = get(
+        &cp,
+        &["servicemonitors.monitoring.coreos.com", FULLNAME, "-n", &ns],
+    )
+    .expect("ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
+    assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    let env = operator_env(&cp, &ns);
+    assert_eq!(env["PACER_OPERATOR_WATCH_NAMESPACE"], watched);
+
+    // The operator with only that Role reconciles an object in the watched namespace,
+    // and never sees one elsewhere (an object in another namespace is applied first,
+    // so by the time the watched one is done the other would have been seen).
+    let elsewhere = cp.namespace("other");
+    apply(&cp, &example("minimal.yaml", "audit-export", &elsewhere));
+    println!(
+        "effective permissions in {watched}:\n{}",
+        cp.kubectl_ok(&[
+            "auth",
+            "can-i",
+            "--list",
+            &format!("--as=system:serviceaccount:{ns}:{FULLNAME}"),
+            "-n",
+            &watched
+        ])
+    );
+    let kubeconfig = cp.kubeconfig_for_service_account(&ns, FULLNAME);
+    let mut op = Operator::start(&kubeconfig, Some(&watched));
+    op.await_ready();
+    apply(&cp, &example("minimal.yaml", "audit-export", &watched));
+    op.wait("the watched object's Deployment and status", || {
+        let tc = get(&cp, &["tc", "audit-export", "-n", &watched])?;
+        condition(&tc, "Ready")?;
+        exists(&cp, &["deployment", "audit-export", "-n", &watched]).then_some(())
+    });
+    op.wait("the BudgetRegistered event", || {
+        find_event(
+            &cp,
+            &watched,
+            "audit-export",
+            "Normal",
+            "BudgetRegistered",
+            "",
+        )
+    });
+    // An object the API server accepts (the pod template is schemaless there) but the
+    // operator cannot parse: InvalidSpec in its status and as an event.
+    let mut bad = example("minimal.yaml", "bad-template", &watched);
+    bad["spec"]["template"] = json!({"spec": {"containers": "not a list"}});
+    apply(&cp, &bad);
+    op.wait("InvalidSpec event of an object that does not parse", || {
+        find_event(
+            &cp,
+            &watched,
+            "bad-template",
+            "Warning",
+            "InvalidSpec",
+            "does not parse",
+        )
+    });
+    let status = get(&cp, &["tc", "bad-template", "-n", &watched]).unwrap();
+    assert_eq!(condition(&status, "InvalidSpec").unwrap()["status"], "True");
+    let other = get(&cp, &["tc", "audit-export", "-n", &elsewhere]).unwrap();
+    assert!(other.get("status").is_none(), "{other}");
+    assert!(!exists(
+        &cp,
+        &["deployment", "audit-export", "-n", &elsewhere]
+    ));
+    op.assert_healthy();
+}
+
+// ---------------------------------------------------------------------------------
+// 2 + 3. The operator as the chart's ServiceAccount, and the events it tells.
+
+#[test]
+fn the_operator_as_the_charts_service_account_reconciles_tells_and_is_cleaned_up_after() {
+    let started = Instant::now();
+    let cp = ControlPlane::start();
+    println!("control plane ready in {:?}", cp.started_in);
+    let ns = cp.namespace("pacer-system");
+    cp.helm_ok(&["install", RELEASE, &chart(), "-n", &ns]);
+    await_established(&cp, CRD);
+    let app = cp.namespace("shop");
+    let user = format!("system:serviceaccount:{ns}:{FULLNAME}");
+    println!(
+        "effective permissions of {user} in {app} (kubectl auth can-i --list):\n{}",
+        cp.kubectl_ok(&[
+            "auth",
+            "can-i",
+            "--list",
+            &format!("--as={user}"),
+            "-n",
+            &app
+        ])
+    );
+
+    let kubeconfig = cp.kubeconfig_for_service_account(&ns, FULLNAME);
+    let mut op = Operator::start(&kubeconfig, None);
+    op.await_ready();
+
+    // One replica, short leases (an expired lease shows within seconds), with a PDB.
+    let name = "orders-sync";
+    let mut tc = example("orders-sync.yaml", name, &app);
+    tc["spec"]["replicas"] = json!(1);
+    tc["spec"]["budget"]["leaseSeconds"] = json!(2);
+    tc["spec"]["budget"]["refreshMillis"] = json!(500);
+    apply(&cp, &tc);
+    let uid = get(&cp, &["tc", name, "-n", &app]).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let owned_by_tc = |v: &Value| {
+        v["metadata"]["ownerReferences"]
+            .as_array()
+            .is_some_and(|o| {
+                o.iter()
+                    .any(|r| r["uid"] == uid.as_str() && r["controller"] == true)
+            })
+    };
+    let secret = format!("{name}-budget-token");
+    for kind in ["secret", "deployment", "poddisruptionbudget"] {
+        let child = if kind == "secret" {
+            secret.as_str()
+        } else {
+            name
+        };
+        op.wait(
+            &format!("{kind} {child} owned by the ThrottledConsumer"),
+            || get(&cp, &[kind, child, "-n", &app]).filter(owned_by_tc),
+        );
+    }
+    let status = op.wait("the status with conditions for generation 1", || {
+        let v = get(&cp, &["tc", name, "-n", &app])?;
+        (v["status"]["observedGeneration"] == 1 && condition(&v, "Ready").is_some())
+            .then(|| v["status"].clone())
+    });
+    println!("status: {status}");
+    assert_eq!(
+        condition(&json!({"status": status}), "InvalidSpec").unwrap()["status"],
+        "False"
+    );
+    op.wait("the BudgetRegistered event", || {
+        find_event(&cp, &app, name, "Normal", "BudgetRegistered", "11 msg/s")
+    });
+
+    // Scaled.
+    cp.kubectl_ok(&["scale", "-n", &app, &format!("tc/{name}"), "--replicas=3"]);
+    op.wait("the Deployment at 3 replicas", || {
+        let d = get(&cp, &["deployment", name, "-n", &app])?;
+        (d["spec"]["replicas"] == 3).then_some(())
+    });
+    op.wait("the Scaled event", || {
+        find_event(&cp, &app, name, "Normal", "Scaled", "from 1 to 3 replicas")
+    });
+
+    // Budget changed.
+    cp.kubectl_ok(&[
+        "patch",
+        "-n",
+        &app,
+        &format!("tc/{name}"),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"budget":{"messagesPerSecond":22,"maxInFlight":8}}}"#,
+    ]);
+    op.wait("the BudgetChanged event", || {
+        find_event(
+            &cp,
+            &app,
+            name,
+            "Normal",
+            "BudgetChanged",
+            "to 22 msg/s and 8 in flight",
+        )
+    });
+
+    // A Secret that lost its token gets the same token back (the replicas hold it).
+    let token_of = || {
+        let v = get(&cp, &["secret", &secret, "-n", &app])?;
+        v["data"]["token"].as_str().map(str::to_string)
+    };
+    let token = token_of().expect("token");
+    cp.kubectl_ok(&[
+        "patch",
+        "-n",
+        &app,
+        &format!("secret/{secret}"),
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/data/token"}]"#,
+    ]);
+    op.wait("the same token back in the Secret", || {
+        (token_of()? == token).then_some(())
+    });
+
+    // The spec drops its PDB: the operator deletes its own.
+    cp.kubectl_ok(&[
+        "patch",
+        "-n",
+        &app,
+        &format!("tc/{name}"),
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/podDisruptionBudget"}]"#,
+    ]);
+    op.wait("the PodDisruptionBudget removed", || {
+        (!exists(&cp, &["poddisruptionbudget", name, "-n", &app])).then_some(())
+    });
+
+    // A spec the CRD accepts and the operator refuses (pacer run sets this librdkafka
+    // key itself): InvalidSpec in the status and as a Warning event, the Deployment
+    // left as it was.
+    let deployment_generation =
+        get(&cp, &["deployment", name, "-n", &app]).unwrap()["metadata"]["generation"].clone();
+    let out = cp.kubectl(&[
+        "patch",
+        "-n",
+        &app,
+        &format!("tc/{name}"),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"kafka":{"config":{"enable.auto.offset.store":"true"}}}}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "the API server now refuses kafka.config enable.auto.offset.store itself; pick another spec only the operator refuses: {}",
+        text(&out.stderr)
+    );
+    let invalid = op.wait("InvalidSpec=True in the status", || {
+        let v = get(&cp, &["tc", name, "-n", &app])?;
+        let c = condition(&v, "InvalidSpec")?;
+        (c["status"] == "True" && v["status"]["observedGeneration"] == v["metadata"]["generation"])
+            .then(|| c["message"].as_str().unwrap_or_default().to_string())
+    });
+    assert!(invalid.contains("enable.auto.offset.store"), "{invalid}");
+    let note = op.wait("the InvalidSpec Warning event", || {
+        find_event(
+            &cp,
+            &app,
+            name,
+            "Warning",
+            "InvalidSpec",
+            "enable.auto.offset.store",
+        )
+    });
+    assert!(note.starts_with(&invalid), "{note}");
+    assert_eq!(
+        get(&cp, &["deployment", name, "-n", &app]).unwrap()["metadata"]["generation"],
+        deployment_generation,
+        "an invalid spec changed the running Deployment"
+    );
+    cp.kubectl_ok(&[
+        "patch",
+        "-n",
+        &app,
+        &format!("tc/{name}"),
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"kafka":{"config":{"enable.auto.offset.store":null}}}}"#,
+    ]);
+    op.wait("InvalidSpec=False after the fix", || {
+        let v = get(&cp, &["tc", name, "-n", &app])?;
+        (condition(&v, "InvalidSpec")?["status"] == "False").then_some(())
+    });
+
+    // A replica that leases and then stops refreshing (as a crash would): its lease
+    // expires, the status says Degraded and a LeasesExpired Warning names it.
+    let token = cp.kubectl_ok(&[
+        "get",
+        "secret",
+        &secret,
+        "-n",
+        &app,
+        "-o",
+        "go-template={{.data.token | base64decode}}",
+    ]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let member = format!("{name}-test-0");
+    let handle = {
+        let _guard = rt.enter();
+        let (_demand_tx, demand) = tokio::sync::watch::channel(pacer_budget::client::Demand {
+            demand: pacer_budget::Share::new(5.0, 1),
+            observed_rate: Some(0.0),
+        });
+        pacer_budget::client::spawn(
+            pacer_budget::client::ClientConfig {
+                base_url: format!("http://127.0.0.1:{}", op.coordinator),
+                namespace: app.clone(),
+                name: name.into(),
+                token,
+                member: member.clone(),
+            },
+            demand,
+        )
+    };
+    let stats = handle.stats();
+    op.wait("the test member's lease refreshed", || {
+        assert_eq!(
+            stats
+                .refresh_error
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the coordinator refused the test member"
+        );
+        (stats.refresh_ok.load(std::sync::atomic::Ordering::Relaxed) > 0).then_some(())
+    });
+    op.wait("the member in status.allocations", || {
+        let v = get(&cp, &["tc", name, "-n", &app])?;
+        v["status"]["allocations"]
+            .as_array()?
+            .iter()
+            .any(|a| a["member"] == member.as_str())
+            .then_some(())
+    });
+    handle.abort();
+    op.wait("Degraded=True", || {
+        let v = get(&cp, &["tc", name, "-n", &app])?;
+        (condition(&v, "Degraded")?["status"] == "True").then_some(())
+    });
+    op.wait("the LeasesExpired Warning event", || {
+        find_event(&cp, &app, name, "Warning", "LeasesExpired", &member)
+    });
+    drop(rt);
+
+    let describe = cp.kubectl_ok(&["describe", "tc", name, "-n", &app]);
+    let events = describe
+        .split("\nEvents:")
+        .nth(1)
+        .expect("an Events section in kubectl describe");
+    println!("kubectl describe tc/{name} ... Events:{events}");
+    for reason in [
+        "BudgetRegistered",
+        "Scaled",
+        "BudgetChanged",
+        "InvalidSpec",
+        "LeasesExpired",
+    ] {
+        assert!(events.contains(reason), "no {reason} in:\n{events}");
+    }
+    assert!(events.contains("pacer-operator"), "{events}");
+
+    // Deleted: the controller-manager's garbage collector removes every child.
+    cp.kubectl_ok(&["delete", "tc", name, "-n", &app]);
+    for (kind, child) in [("secret", secret.as_str()), ("deployment", name)] {
+        op.wait(&format!("{kind} {child} garbage-collected"), || {
+            (!exists(&cp, &[kind, child, "-n", &app])).then_some(())
+        });
+    }
+    op.wait("the ReplicaSets garbage-collected", || {
+        let list = get(&cp, &["replicasets", "-n", &app])?;
+        list["items"].as_array()?.is_empty().then_some(())
+    });
+    op.assert_healthy();
+
+    // RBAC: every grant used, or on the short list of grants the audit cannot show.
+    let role = get(&cp, &["clusterrole", FULLNAME]).unwrap();
+    let grants = granted(&role);
+    let used = used_by(&cp, &user);
+    println!("requests of {user} (apiGroup, resource, verb) -> response codes:");
+    for (k, codes) in &used {
+        println!("  {k:?} -> {codes:?}");
+    }
+    let refused: Vec<_> = used
+        .iter()
+        .filter(|(_, codes)| codes.contains(&403))
+        .collect();
+    assert!(refused.is_empty(), "refused requests: {refused:?}");
+    let mut unused = Vec::new();
+    for g in &grants {
+        let explained = NOT_VISIBLE_IN_AUDIT
+            .iter()
+            .any(|(a, r, v, _)| (*a, *r, *v) == (g.0.as_str(), g.1.as_str(), g.2.as_str()));
+        if !used.contains_key(g) && !explained {
+            unused.push(g.clone());
+        }
+    }
+    assert!(
+        unused.is_empty(),
+        "the chart grants permissions the operator never used in this scenario: {unused:?}\n(remove them from charts/pacer/templates/rbac.yaml, or exercise the code that needs them here)"
+    );
+    println!(
+        "RBAC: {} grants, {} used, {} explained; whole test {:?}",
+        grants.len(),
+        used.len(),
+        NOT_VISIBLE_IN_AUDIT.len(),
+        started.elapsed()
+    );
+}
