@@ -110,7 +110,7 @@ async fn sweep_budgets(
     events: Arc<Events>,
     ready: Arc<AtomicBool>,
 ) {
-    if store.wait_until_ready().await.is_err() {
+    if !synced(&store).await {
         return;
     }
     ready.store(true, Ordering::Release);
@@ -139,6 +139,30 @@ async fn sweep_budgets(
     }
 }
 
+/// Resolves `true` once `store` has listed everything (`false`: its writer is gone).
+///
+/// Not `store.wait_until_ready().await` alone: kube-runtime's readiness is a futures
+/// oneshot, which keeps the waker of only the last task that polled it, and the
+/// controller's own runner waits on the same store and is polled on every watch event.
+/// The sweeper's waker was overwritten and it was never woken: against a real API server
+/// the operator never became ready (`/readyz` 503 forever) while reconciling normally.
+/// Polling again every 100 ms reads the value once it is there, whoever was woken.
+pub async fn synced<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(SYNC_POLL, store.wait_until_ready()).await {
+            Ok(result) => return result.is_ok(),
+            Err(_elapsed) => continue,
+        }
+    }
+}
+
+/// How often [`synced`] looks at the store again.
+const SYNC_POLL: Duration = Duration::from_millis(100);
+
 /// Budgets registered in the coordinator whose object no longer exists. Pure.
 pub fn stale_budgets(registered: &[BudgetId], live: &HashSet<BudgetId>) -> Vec<BudgetId> {
     registered
@@ -151,6 +175,51 @@ pub fn stale_budgets(registered: &[BudgetId], live: &HashSet<BudgetId>) -> Vec<B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another waiter polls the store after [`synced`] started waiting, and so holds
+    /// the store's only waker slot (the controller's runner does): `synced` still
+    /// returns once the store is ready.
+    #[tokio::test]
+    async fn synced_resolves_after_another_waiter_took_the_wakeup() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use kube::runtime::reflector;
+        let (reader, mut writer) = reflector::store::<ConfigMap>();
+        let ours = tokio::spawn({
+            let reader = reader.clone();
+            async move { synced(&reader).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut theirs = std::pin::pin!(reader.wait_until_ready());
+        assert!(futures::poll!(theirs.as_mut()).is_pending());
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let ours = tokio::time::timeout(Duration::from_secs(2), ours).await;
+        assert!(matches!(ours, Ok(Ok(true))), "{ours:?}");
+    }
+
+    /// Why [`synced`] exists: with a plain `wait_until_ready`, the waiter that polled
+    /// first is never woken. If this starts failing, kube-runtime fixed it and `synced`
+    /// can go.
+    #[tokio::test]
+    async fn a_plain_wait_until_ready_loses_its_wakeup_to_a_later_waiter() {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use kube::runtime::reflector;
+        let (reader, mut writer) = reflector::store::<ConfigMap>();
+        let first = tokio::spawn({
+            let reader = reader.clone();
+            async move { reader.wait_until_ready().await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut later = std::pin::pin!(reader.wait_until_ready());
+        assert!(futures::poll!(later.as_mut()).is_pending());
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let first = tokio::time::timeout(Duration::from_millis(500), first).await;
+        assert!(
+            first.is_err(),
+            "the first waiter was woken: kube-runtime no longer loses the wakeup"
+        );
+    }
 
     #[test]
     fn budgets_whose_object_is_gone_are_stale_and_live_ones_are_kept() {
