@@ -1,0 +1,139 @@
+//! A replica stopped before the group handed it any partition leaves the group at once.
+//!
+//! Found by the Kubernetes story test (tests/tests/story.rs): scaling a fleet from 2 to 5
+//! replicas and at once back to 3 stopped 6 of 10 partitions for 45 s on Apache Kafka.
+//! With the classic protocol's cooperative assignor a join takes two rounds: the first
+//! revokes partitions from the old members and gives the new ones nothing, the second
+//! hands the revoked partitions out. librdkafka 2.12 sends no LeaveGroup when a consumer
+//! closes with no partition assigned, so a replica stopped between the two rounds stayed
+//! a member until `session.timeout.ms` (45 s by default) and the second round waited for
+//! it. The replica now unsubscribes first in that case, which leaves the group.
+//!
+//! Apache Kafka only, with librdkafka's default group timings (the other scenario tests
+//! shorten the session to 6 s, which hid this as a 6 s pause).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use pacer_tests::{Broker, Kafka};
+
+const PARTITIONS: i32 = 10;
+
+fn args(bootstrap: &str) -> Vec<String> {
+    [
+        "run",
+        "--bootstrap-servers",
+        bootstrap,
+        "--topic",
+        "leave",
+        "--group-id",
+        "leave",
+        "--sink",
+        "null",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--rate",
+        "100",
+        "--max-in-flight",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The partitions of each "Partitions assigned" line of a replica's log, in order.
+fn assignments(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Partitions assigned"))
+        .map(|l| {
+            l.rsplit("partitions=")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_before_its_first_partitions_leaves_the_group_at_once() {
+    let kafka = Kafka::start(Broker::Apache);
+    kafka.topic("leave", PARTITIONS);
+    kafka.produce("leave", PARTITIONS, 0..20_000, 50, |_| None);
+    let logs: Vec<_> = (0..5).map(|i| tmp(&format!("leave-{i}"))).collect();
+    let mut replicas = Vec::new();
+
+    // Two replicas own the partitions.
+    for log in &logs[..2] {
+        replicas.push(spawn_logged(&args(&kafka.bootstrap), log));
+    }
+    wait_for(
+        "two replicas own partitions",
+        Duration::from_secs(60),
+        || {
+            logs[..2]
+                .iter()
+                .all(|l| assignments(l).iter().any(|a| !a.is_empty()))
+        },
+    )
+    .await;
+
+    // Three join: the first round gives them nothing and revokes from the two.
+    for log in &logs[2..] {
+        replicas.push(spawn_logged(&args(&kafka.bootstrap), log));
+    }
+    wait_for("three replicas joined", Duration::from_secs(60), || {
+        logs[2..].iter().all(|l| !assignments(l).is_empty())
+    })
+    .await;
+
+    // Two of them stop before the second round.
+    let empty = logs[3..]
+        .iter()
+        .filter(|l| assignments(l).iter().all(String::is_empty))
+        .count();
+    let stopped = Instant::now();
+    replicas[3].signal(libc::SIGTERM);
+    replicas[4].signal(libc::SIGTERM);
+    for r in &mut replicas[3..] {
+        assert_eq!(r.wait(Duration::from_secs(30)), Some(0));
+    }
+    assert!(
+        empty > 0,
+        "neither replica was stopped with an empty assignment (the second round came \
+         first): the case is not exercised"
+    );
+
+    // The remaining new replica gets partitions in the next round (a heartbeat, 3 s by
+    // default), not after the session timeout (45 s).
+    let bound = Duration::from_secs(15);
+    let mut took = None;
+    wait_for(
+        "the remaining new replica to own partitions",
+        Duration::from_secs(60),
+        || {
+            let owns = assignments(&logs[2]).iter().any(|a| !a.is_empty());
+            if owns {
+                took = Some(stopped.elapsed());
+            }
+            owns
+        },
+    )
+    .await;
+    let took = took.unwrap();
+    eprintln!(
+        "{empty} of 2 stopped replicas had no partition; the third new one owned partitions {took:?} after the SIGTERMs"
+    );
+    assert!(
+        took < bound,
+        "partitions waited {took:?} for a member that had left (session timeout)"
+    );
+    for l in &logs {
+        let _ = std::fs::remove_file(l);
+    }
+}
