@@ -10,7 +10,7 @@ use pacer_budget::Share;
 use tokio::sync::watch;
 
 use crate::lease::{demand, Allowance, AllowanceSource};
-use crate::metrics::ResultLabels;
+use crate::metrics::{OutcomeLabels, ResultLabels};
 use crate::pipeline::Shared;
 use crate::DEMAND_EVERY;
 
@@ -98,9 +98,59 @@ impl Leased {
     }
 }
 
-/// Every [`DEMAND_EVERY`], recomputes what this replica could use and mirrors the
-/// client's refresh counters into the metrics. Ends when the client is gone.
+/// A counter's rate per second, smoothed like the demand's arrival rate (each sample
+/// weighs 0.3).
+#[derive(Debug, Clone, Copy)]
+struct Smoothed {
+    last: u64,
+    rate: f64,
+}
+
+impl Smoothed {
+    fn new(total: u64) -> Self {
+        Self {
+            last: total,
+            rate: 0.0,
+        }
+    }
+
+    /// The smoothed rate after the counter reached `total`, `dt` seconds after the last
+    /// update.
+    fn update(&mut self, total: u64, dt: f64) -> f64 {
+        let sample = total.saturating_sub(self.last) as f64 / dt.max(1e-3);
+        self.last = total;
+        self.rate = 0.7 * self.rate + 0.3 * sample;
+        self.rate
+    }
+}
+
+/// Messages this replica finished (acknowledged by the sink or written to the
+/// dead-letter topic) so far.
+fn processed(shared: &Shared) -> u64 {
+    ["acked", "dead_lettered"]
+        .into_iter()
+        .map(|outcome| {
+            shared
+                .metrics
+                .messages
+                .get_or_create(&OutcomeLabels { outcome })
+                .get()
+        })
+        .sum()
+}
+
+/// Every [`DEMAND_EVERY`], recomputes what this replica could use and what it processed,
+/// and mirrors the client's refresh counters into the metrics. Ends when the client is
+/// gone.
+///
+/// Two rates, both smoothed: what *arrived* from Kafka sizes the demand of an idle
+/// replica; what was *processed* is the `observedRate` the coordinator sums into the
+/// status. They differ whenever there is a backlog: a rate-limited replica fetches a
+/// buffer-full at once and then nothing while it works through it, so its fetch rate
+/// swings between 0 and thousands (the status showed 0.007 msg/s for a fleet processing
+/// 200 msg/s).
 pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
+    let mut processed_rate = Smoothed::new(processed(&shared));
     let mut last_arrivals = shared.arrivals.load(AtomicOrdering::Relaxed);
     let mut last_latency = (0u64, 0u64);
     let mut last_at = Instant::now();
@@ -117,6 +167,7 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
         last_arrivals = arrivals;
         // Smooth over a few seconds so one quiet second does not drop the share.
         rate_ewma = 0.7 * rate_ewma + 0.3 * rate;
+        let processed_ewma = processed_rate.update(processed(&shared), dt);
         let lat = (
             shared.latency_us.load(AtomicOrdering::Relaxed),
             shared.latency_count.load(AtomicOrdering::Relaxed),
@@ -137,7 +188,7 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
                 rate: d_rate,
                 in_flight: d_in_flight,
             },
-            observed_rate: Some(rate_ewma),
+            observed_rate: Some(processed_ewma),
         });
         // Mirror the client's totals into counters (by their increase since last time).
         let m = &shared.metrics;
@@ -154,5 +205,42 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
         if sent.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Ordering;
+
+    #[test]
+    fn processed_counts_acked_and_dead_lettered_messages_only() {
+        let shared = Shared::new(Ordering::None, 10, 1 << 20);
+        for outcome in [
+            "acked",
+            "acked",
+            "dead_lettered",
+            "dropped_on_revoke",
+            "abandoned",
+        ] {
+            shared.metrics.outcome(outcome);
+        }
+        // Fetched is not processed.
+        shared.arrivals.store(1000, AtomicOrdering::Relaxed);
+        assert_eq!(processed(&shared), 3);
+    }
+
+    #[test]
+    fn a_steady_100_per_second_is_reported_as_100_within_a_few_seconds() {
+        let mut r = Smoothed::new(500);
+        let mut total = 500;
+        let mut last = 0.0;
+        for _ in 0..15 {
+            total += 100;
+            last = r.update(total, 1.0);
+        }
+        assert!((last - 100.0).abs() < 1.0, "{last}");
+        // A quiet second lowers it by 30 %, not to zero.
+        assert!((r.update(total, 1.0) - 0.7 * last).abs() < 1e-9);
     }
 }
