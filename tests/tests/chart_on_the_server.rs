@@ -253,10 +253,7 @@ impl Operator {
     /// chart does not grant) or exited.
     fn assert_healthy(&mut self) {
         let log = self.log();
-        let refused: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("403") || l.to_lowercase().contains("forbidden"))
-            .collect();
+        let refused: Vec<&str> = log.lines().filter(|l| refused_by_rbac(l)).collect();
         assert!(
             refused.is_empty(),
             "the operator was refused by RBAC (a permission missing from charts/pacer/templates/rbac.yaml):\n{}",
@@ -1023,4 +1020,30 @@ fn the_operator_as_the_charts_service_account_reconciles_tells_and_is_cleaned_up
         NOT_VISIBLE_IN_AUDIT.len(),
         started.elapsed()
     );
+}
+
+/// Whether an operator log line reports a refusal: "forbidden" (the API server's reason
+/// and kube's error text), or a 403 as a status code, not as digits inside a timestamp
+/// (`13:44:29.403583Z` once failed this test).
+fn refused_by_rbac(line: &str) -> bool {
+    // The first word is the timestamp.
+    let rest = line
+        .split_once(char::is_whitespace)
+        .map_or(line, |(_, r)| r);
+    rest.to_lowercase().contains("forbidden")
+        || rest
+            .split(|c: char| !c.is_ascii_digit())
+            .any(|n| n == "403")
+}
+
+#[test]
+fn a_timestamp_with_403_in_it_is_not_a_refusal() {
+    let ok = "2026-12-02T13:44:29.403583Z  INFO reconciling object: Invalid spec";
+    assert!(!refused_by_rbac(ok));
+    assert!(refused_by_rbac(
+        "2026-12-02T13:44:29.1Z  WARN watch failed: ErrorResponse { code: 403 }"
+    ));
+    assert!(refused_by_rbac(
+        "2026-12-02T13:44:29.1Z  WARN deployments is forbidden: User ..."
+    ));
 }
