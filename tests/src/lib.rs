@@ -9,7 +9,9 @@
 //! [`on_both_brokers!`].
 //!
 //! [`k8s::ControlPlane`] is a Kubernetes control plane without a kubelet (etcd,
-//! kube-apiserver, kube-controller-manager built from Go modules), as child processes.
+//! kube-apiserver, kube-controller-manager built from Go modules), as child processes;
+//! [`kubelet::Kubelet`] plays the node for one namespace's Pods, running a container
+//! of each as a local process.
 //!
 //! [`sim`] is a deterministic fleet simulation comparing Pacer's ledger with the peers'
 //! ways of splitting one budget (no broker, no processes).
@@ -17,6 +19,7 @@
 pub mod apache;
 pub mod k8s;
 pub mod kafka;
+pub mod kubelet;
 pub mod sim;
 
 pub use kafka::{shared_apache, Broker, Kafka};
