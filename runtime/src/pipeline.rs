@@ -532,7 +532,7 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
             let woken = shared.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let batch = {
+            let mut batch = {
                 let mut core = shared.lock();
                 if core.halted || (core.stopping && core.buffer.is_empty()) {
                     return;
@@ -567,12 +567,17 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 continue 'next;
             }
             if ctx.sink.is_synchronous() {
-                // Nothing to wait for: deliver inline and complete the batch at once.
-                for m in &batch {
-                    let _ = ctx.sink.deliver(m).await;
-                }
+                // Nothing to wait for: deliver inline and complete at once what was
+                // delivered. The first message the sink refuses (stdout closed, say) and
+                // the rest of the batch go through `work` like any sink's messages
+                // (retries, dead letter, or held): a message is never completed unwritten.
+                let delivered = deliver_inline(&ctx, &batch).await;
+                let rest = batch.split_off(delivered);
                 ctx.acked.inc_by(batch.len() as u64);
                 shared.complete_all(&batch);
+                for m in rest {
+                    tokio::spawn(work(ctx.clone(), m));
+                }
                 // Let the Kafka thread's notifications and other tasks in.
                 tokio::task::yield_now().await;
             } else {
@@ -666,6 +671,17 @@ async fn halted(shared: &Shared) {
 /// with the slot it already holds (under the same lock as the completion), instead of
 /// waking the dispatcher to spawn a new task: the in-flight limit, the ordering rule
 /// and the stop flag are checked exactly as the dispatcher checks them.
+/// Delivers `batch` in order through a synchronous sink until one attempt fails;
+/// returns how many were delivered.
+async fn deliver_inline(ctx: &WorkerContext, batch: &[Message]) -> usize {
+    for (i, m) in batch.iter().enumerate() {
+        if !matches!(ctx.sink.deliver(m).await, Attempt::Delivered) {
+            return i;
+        }
+    }
+    batch.len()
+}
+
 pub async fn work(ctx: Arc<WorkerContext>, mut msg: Message) {
     loop {
         if !finish(&ctx, &msg).await {
