@@ -664,13 +664,6 @@ async fn halted(shared: &Shared) {
     }
 }
 
-/// One message through the sink, with retries and dead-lettering, until it is finished
-/// or its partition is taken away.
-///
-/// Without a rate limit, a worker that finished its message takes the next ready one
-/// with the slot it already holds (under the same lock as the completion), instead of
-/// waking the dispatcher to spawn a new task: the in-flight limit, the ordering rule
-/// and the stop flag are checked exactly as the dispatcher checks them.
 /// Delivers `batch` in order through a synchronous sink until one attempt fails;
 /// returns how many were delivered.
 async fn deliver_inline(ctx: &WorkerContext, batch: &[Message]) -> usize {
@@ -682,6 +675,13 @@ async fn deliver_inline(ctx: &WorkerContext, batch: &[Message]) -> usize {
     batch.len()
 }
 
+/// One message through the sink, with retries and dead-lettering, until it is finished
+/// or its partition is taken away.
+///
+/// Without a rate limit, a worker that finished its message takes the next ready one
+/// with the slot it already holds (under the same lock as the completion), instead of
+/// waking the dispatcher to spawn a new task: the in-flight limit, the ordering rule
+/// and the stop flag are checked exactly as the dispatcher checks them.
 pub async fn work(ctx: Arc<WorkerContext>, mut msg: Message) {
     loop {
         if !finish(&ctx, &msg).await {
