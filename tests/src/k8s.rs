@@ -220,6 +220,19 @@ impl ControlPlane {
         ok(self.helm(args), "helm", args)
     }
 
+    /// Applies the repository's ThrottledConsumer CRD (server-side) and waits until the
+    /// server serves its kind.
+    pub fn install_crd(&self) {
+        let crd = repo_root().join("crds/throttledconsumers.pacer.dev.yaml");
+        self.kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/throttledconsumers.pacer.dev",
+            "--timeout=60s",
+        ]);
+    }
+
     /// Creates a namespace named `prefix-N` (unique in this process) and returns it.
     pub fn namespace(&self, prefix: &str) -> String {
         let name = format!("{prefix}-{}", crate::apache::next_id());

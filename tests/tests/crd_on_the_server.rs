@@ -312,13 +312,7 @@ fn the_crd_is_served_and_the_server_and_the_operator_agree_on_every_rule() {
         cp.started_in.as_secs_f64()
     );
     let crd = crd_path();
-    cp.kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/throttledconsumers.pacer.dev",
-        "--timeout=60s",
-    ]);
+    cp.install_crd();
     let ns = cp.namespace("crd");
 
     // Every example is accepted by both.
@@ -397,14 +391,7 @@ fn last_line(m: &str) -> &str {
 #[test]
 fn kubectl_gets_scales_and_explains_a_throttled_consumer() {
     let cp = ControlPlane::start();
-    let crd = crd_path();
-    cp.kubectl_ok(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/throttledconsumers.pacer.dev",
-        "--timeout=60s",
-    ]);
+    cp.install_crd();
     let ns = cp.namespace("kubectl");
     let minimal = repo_root().join("crds/examples/minimal.yaml");
     cp.kubectl_ok(&["apply", "-n", &ns, "-f", minimal.to_str().unwrap()]);
