@@ -1,5 +1,7 @@
 //! Runtime overhead benchmark (run with `cargo run --release -p pacer-runtime --example
-//! bench`). On one embedded broker, in one run:
+//! bench`). On one broker, in one run: librdkafka's mock cluster by default, Apache
+//! Kafka 4.4 (a single KRaft node started from the jars in `PACER_KAFKA_JARS`, see
+//! `scripts/kafka-jars.sh`) with `BENCH_BROKER=apache`:
 //!
 //! 1. a bare rdkafka `BaseConsumer` loop over the topic vs `pacer run --sink null` with
 //!    no rate limit (the pipeline: buffer, dispatcher, workers, offset tracking);
@@ -21,8 +23,8 @@ use pacer_runtime::lease::Allowance;
 use pacer_runtime::message::{Message, TopicPartition};
 use pacer_runtime::metrics::OutcomeLabels;
 use pacer_runtime::sink::http_headers;
+use pacer_tests::{Broker, Kafka};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
@@ -280,13 +282,19 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(ROUNDS);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.create_topic("bench", PARTITIONS, 1).expect("topic");
-    cluster
-        .create_topic("bench-http", PARTITIONS, 1)
-        .expect("topic");
-    eprintln!("producing {MESSAGES} x {SIZE} B and {HTTP_MESSAGES} x {SIZE} B ...");
+    let broker = match std::env::var("BENCH_BROKER").as_deref() {
+        Ok("apache") => Broker::Apache,
+        Ok("mock") | Err(_) => Broker::Mock,
+        Ok(other) => {
+            eprintln!("BENCH_BROKER={other:?}: expected mock (the default) or apache");
+            std::process::exit(2);
+        }
+    };
+    let kafka = Kafka::start(broker);
+    let bootstrap = kafka.bootstrap.clone();
+    kafka.topic("bench", PARTITIONS);
+    kafka.topic("bench-http", PARTITIONS);
+    eprintln!("producing {MESSAGES} x {SIZE} B and {HTTP_MESSAGES} x {SIZE} B on {broker:?} ...");
     produce(&bootstrap, "bench", MESSAGES);
     produce(&bootstrap, "bench-http", HTTP_MESSAGES);
 
@@ -375,6 +383,7 @@ fn main() {
     }
     let ratios =
         |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(p, q)| p / q).collect() };
+    println!("Broker: {broker:?}\n");
     println!("| Measurement (median of {rounds} alternating rounds) | msg/s | Ratio (median of rounds) | Ratio range |");
     println!("|---|---:|---:|---:|");
     if !bare.is_empty() {

@@ -11,8 +11,8 @@
 //!           | store offsets, rebalance callbacks, commit    |  low-water: resume
 //!           +------------------------+----------------------+
 //!                                    | pop_ready (ordering none|key|partition)
-//!                       dispatcher --+--> rate permit (GCRA, re-rated live)
-//!                                    +--> in-flight slot (resized live)
+//!                       dispatcher --+--> in-flight slot (resized live)
+//!                                    +--> rate permit (GCRA, re-rated live)
 //!                                    +--> worker task: sink, retries, dead letter
 //!                                               | complete -> offset tracker
 //!  lease (watch) -> lease::follow -> limiter + in-flight limit

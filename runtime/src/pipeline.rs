@@ -371,6 +371,34 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// A popped message whose reserved in-flight slot (counted in the total only, see
+    /// [`dispatch`]) is given back without it reaching a worker.
+    fn unreserve(&self, msg: &Message) {
+        let mut core = self.lock();
+        debug_assert!(core.in_flight_total > 0, "a reserved slot is counted");
+        core.in_flight_total -= 1;
+        core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
+        self.update_gauges(&core);
+        drop(core);
+        self.wake.notify_one();
+    }
+
+    /// Turns `msg`'s reserved slot into its partition's in-flight count, or gives it
+    /// back if the partition was revoked meanwhile; true when `msg` may go to a worker.
+    fn dispatch_reserved(&self, msg: &Message) -> bool {
+        let mut core = self.lock();
+        if !core.is_current(msg) {
+            drop(core);
+            self.unreserve(msg);
+            return false;
+        }
+        *core
+            .in_flight
+            .entry((msg.tp.clone(), msg.generation))
+            .or_default() += 1;
+        true
+    }
+
     /// A popped message that never reached a worker.
     fn unpop(&self, msg: &Message) {
         let mut core = self.lock();
@@ -465,12 +493,15 @@ impl Shared {
         loop {
             let left = {
                 let mut core = self.lock();
-                let done = core.in_flight_total == 0 && core.buffer.is_empty();
+                // Dispatched messages only: a slot the dispatcher reserved while it waits
+                // for a rate permit holds no message the sink has seen; the halt gives
+                // it back and the message stays uncommitted for the next owner.
+                let done = core.in_flight.is_empty() && core.buffer.is_empty();
                 if done || tokio::time::Instant::now() >= until {
                     core.halted = true;
                     core.buffer.clear();
                     self.update_gauges(&core);
-                    Some(core.in_flight_total)
+                    Some(core.in_flight.values().sum())
                 } else {
                     None
                 }
@@ -520,8 +551,8 @@ impl std::fmt::Debug for WorkerContext {
     }
 }
 
-/// The dispatcher: pull the next message whose ordering key is free, then a rate
-/// permit, then an in-flight slot, then hand it to a worker task. Returns when the
+/// The dispatcher: pull the next message whose ordering key is free, then an in-flight
+/// slot, then a rate permit, then hand it to a worker task. Returns when the
 /// replica stops.
 pub async fn dispatch(ctx: Arc<WorkerContext>) {
     let shared = ctx.shared.clone();
@@ -613,12 +644,12 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
             }
             woken.await;
         };
-        // 2. A rate permit (re-rated live by the lease follower).
-        tokio::select! {
-            _ = ctx.limiter.acquire() => {}
-            _ = halted(&shared) => { shared.unpop(&msg); return; }
-        }
-        // 3. An in-flight slot (resized live).
+        // 2. An in-flight slot (resized live), before the rate permit: a permit taken
+        //    first would be held while every slot is busy and spent the moment one
+        //    frees, right before the next permit, so the sink could see one message per
+        //    replica more in a second than the rate and burst allow. The slot is counted
+        //    in the total only; the partition's count (what a revoke waits for) follows
+        //    the permit, so a revoke never waits on a message that has not gone out.
         loop {
             let woken = shared.wake.notified();
             tokio::pin!(woken);
@@ -637,15 +668,20 @@ pub async fn dispatch(ctx: Arc<WorkerContext>) {
                 }
                 if core.in_flight_total < shared.in_flight_limit.load(AtomicOrdering::Relaxed) {
                     core.in_flight_total += 1;
-                    *core
-                        .in_flight
-                        .entry((msg.tp.clone(), msg.generation))
-                        .or_default() += 1;
                     shared.update_gauges(&core);
                     break;
                 }
             }
             woken.await;
+        }
+        // 3. A rate permit (re-rated live by the lease follower); the message goes out
+        //    as soon as it is granted.
+        tokio::select! {
+            _ = ctx.limiter.acquire() => {}
+            _ = halted(&shared) => { shared.unreserve(&msg); return; }
+        }
+        if !shared.dispatch_reserved(&msg) {
+            continue 'next;
         }
         tokio::spawn(work(ctx.clone(), msg));
     }

@@ -1,5 +1,5 @@
-//! Rate accuracy measured at the sink. Timing-sensitive, so the three rates run
-//! sequentially inside one test, alone in this binary.
+//! Rate accuracy measured at the sink. Timing-sensitive: the three rates run
+//! sequentially inside one test, and the binary is in nextest's serial `timing` group.
 
 mod common;
 
@@ -163,4 +163,75 @@ async fn the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_ab
             );
         }
     }
+}
+
+on_both_brokers!(a_message_waiting_for_a_free_slot_holds_no_rate_permit);
+/// One slot and a sink that now and then takes 400 ms: the dispatcher must not take the
+/// next message's rate permit while it waits for the slot. It did: the held permit was
+/// spent the moment the slot freed and the next permit came at once, so the sink saw
+/// `floor(rate) + burst + 1` requests in a second. At 10.5 msg/s with burst 1, eleven
+/// permits span 952 ms and twelve 1,048 ms; the held permit put twelve arrivals into
+/// about 955 ms.
+///
+/// The sink records arrivals, later than the permits by a varying delay: each window is
+/// `1 s - SLACK` long, which a delay varying by less than 48 ms - `SLACK` keeps at
+/// `floor(rate) + burst`, and which still holds the twelve arrivals of a held permit
+/// unless they were delayed by more than `SLACK`.
+async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'static>) {
+    const RATE: f64 = 10.5;
+    const BURST: u32 = 1;
+    const SLACK: Duration = Duration::from_millis(20);
+    const N: usize = 48;
+    // Every 12th offset is slow: four chances for a held permit.
+    const SLOW_EVERY: i64 = 12;
+    kafka.topic("held-permit", 1);
+    kafka.produce("held-permit", 1, 0..N, 100, |_| None);
+    let sink = TestSink::start(std::sync::Arc::new(|s: &Seen| Reply {
+        delay: if s.offset % SLOW_EVERY == 5 {
+            Duration::from_millis(400)
+        } else {
+            Duration::ZERO
+        },
+        ..Reply::OK
+    }))
+    .await;
+    let mut c = config(
+        &kafka.bootstrap,
+        "held-permit",
+        "g-held-permit",
+        SinkSpec::Http(sink.url()),
+    );
+    c.budget = BudgetSource::Standalone {
+        rate: RATE,
+        in_flight: 1,
+    };
+    c.burst = BURST;
+    let r = InProcess::start(c).await;
+    let state = sink.state.clone();
+    wait_for(&format!("{N} deliveries"), Duration::from_secs(30), || {
+        state.delivered_count() >= N
+    })
+    .await;
+    r.stop().await;
+    let s = starts(&sink);
+    let window = Duration::from_secs(1) - SLACK;
+    let counts: Vec<usize> = s
+        .iter()
+        .map(|a| s.iter().filter(|t| **t >= *a && **t < *a + window).count())
+        .collect();
+    let worst = counts.iter().copied().max().unwrap_or(0);
+    let bound = RATE.floor() as usize + BURST as usize;
+    eprintln!(
+        "{:?}: rate {RATE}/s burst {BURST}, 1 slot, every {SLOW_EVERY}th request 400 ms: worst window of {window:?} (one starting at each of {} arrivals) {worst}, bound {bound}",
+        kafka.broker,
+        s.len()
+    );
+    assert!(
+        worst <= bound,
+        "a window of {window:?} held {worst} requests > floor({RATE}) + {BURST}: {counts:?}"
+    );
+    let most = state
+        .max_concurrent
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(most, 1, "requests at once with one slot");
 }

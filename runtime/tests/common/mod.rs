@@ -501,9 +501,15 @@ pub fn spawn_logged(args: &[String], log: &std::path::Path) -> Pacer {
     Pacer { child }
 }
 
-/// A per-process temporary log path.
+/// A temporary log path, unique in this process.
+///
+/// Unique per call: under `cargo test` the mock-cluster and Apache Kafka variants of a
+/// scenario run side by side in one process, and a name shared by the two let one
+/// variant read (and remove) the other's log.
 pub fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("pacer-test-{}-{name}.log", std::process::id()))
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("pacer-test-{}-{n}-{name}.log", std::process::id()))
 }
 
 /// How often the sink saw each message id (delivered requests).
