@@ -72,34 +72,10 @@ kind get clusters | grep -qx "$CLUSTER" || kind create cluster --name "$CLUSTER"
 kubectl config use-context "kind-$CLUSTER" >/dev/null
 
 log "building images (release builds inside docker; the first run takes a while)"
-build_dir="$(mktemp -d)"
-# BuildKit reads <Dockerfile>.dockerignore next to the Dockerfile, so the repository's
-# multi-gigabyte target/ is never sent as build context.
-printf 'target\n.tools\n.git\n' > "$build_dir/Dockerfile.dockerignore"
-cat > "$build_dir/Dockerfile" <<'DOCKERFILE'
-FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY . .
-RUN cargo build --release -p pacer-operator --bin pacer-operator \
- && cargo build --release -p pacer-runtime --bin pacer
-
-FROM debian:bookworm-slim AS base
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates zlib1g libssl3 \
- && rm -rf /var/lib/apt/lists/*
-USER 65532:65532
-
-FROM base AS operator
-COPY --from=build /src/target/release/pacer-operator /usr/local/bin/pacer-operator
-ENTRYPOINT ["/usr/local/bin/pacer-operator"]
-
-FROM base AS pacer
-COPY --from=build /src/target/release/pacer /usr/local/bin/pacer
-ENTRYPOINT ["/usr/local/bin/pacer"]
-DOCKERFILE
-DOCKER_BUILDKIT=1 docker build -f "$build_dir/Dockerfile" --target operator -t "pacer-operator:$TAG" "$ROOT"
-DOCKER_BUILDKIT=1 docker build -f "$build_dir/Dockerfile" --target pacer -t "pacer:$TAG" "$ROOT"
-rm -rf "$build_dir"
+# The repository's Dockerfile (its .dockerignore keeps target/ and .tools/ out of the
+# build context).
+DOCKER_BUILDKIT=1 docker build --target operator -t "pacer-operator:$TAG" "$ROOT"
+DOCKER_BUILDKIT=1 docker build --target pacer -t "pacer:$TAG" "$ROOT"
 kind load docker-image --name "$CLUSTER" "pacer-operator:$TAG" "pacer:$TAG"
 
 # --- Kafka (single-node KRaft) ---------------------------------------------------------
