@@ -327,7 +327,7 @@ pub struct DeliverySpec {
 
     /// Timeout of one sink call, e.g. `5s` or `500ms`.
     #[serde(default = "default_timeout")]
-    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"), length(max = 11))]
     pub timeout: String,
 
     /// Retries of failed sink calls.
@@ -343,7 +343,7 @@ pub struct DeliverySpec {
     /// Time a replica has on shutdown to finish in-flight work, commit and release its
     /// lease, e.g. `30s`. The pods' termination grace period is this plus 5 seconds.
     #[serde(default = "default_shutdown_grace")]
-    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"), length(max = 11))]
     pub shutdown_grace: String,
 }
 
@@ -392,8 +392,12 @@ impl From<Ordering> for pacer_rules::Ordering {
 /// Retries of failed sink calls, with exponential backoff.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// Guarded by the pattern (pacer_rules::duration::PATTERN, checked in validate.rs'
+// tests): without it a malformed duration failed this rule too, with CEL's "type
+// conversion error from 'string' to 'google.protobuf.Duration'" beside the pattern's
+// message.
 #[x_kube(validation = (
-    "duration(self.initialDelay) <= duration(self.maxDelay)",
+    "!self.initialDelay.matches('^[0-9]{1,9}(ms|s|m|h)$') || !self.maxDelay.matches('^[0-9]{1,9}(ms|s|m|h)$') || duration(self.initialDelay) <= duration(self.maxDelay)",
     "delivery.retry.initialDelay must not be longer than delivery.retry.maxDelay"
 ))]
 pub struct RetrySpec {
@@ -407,11 +411,11 @@ pub struct RetrySpec {
     pub max_attempts: i32,
     /// Delay before the first retry, e.g. `100ms`; doubled per attempt.
     #[serde(default = "default_initial_delay")]
-    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"), length(max = 11))]
     pub initial_delay: String,
     /// Longest delay between retries, e.g. `10s`.
     #[serde(default = "default_max_delay")]
-    #[schemars(regex(path = "pacer_rules::duration::PATTERN"))]
+    #[schemars(regex(path = "pacer_rules::duration::PATTERN"), length(max = 11))]
     pub max_delay: String,
 }
 

@@ -528,7 +528,17 @@ mod tests {
             "/delivery/properties/retry/properties/maxDelay/pattern",
         ] {
             assert_eq!(text(pointer), duration::PATTERN, "{pointer}");
+            let max_len = pointer.replace("/pattern", "/maxLength");
+            assert_eq!(num(&max_len), duration::MAX_LEN as f64, "{max_len}");
         }
+        // The retry rule reads the durations only once they match the pattern.
+        let rule = text("/delivery/properties/retry/x-kubernetes-validations/0/rule");
+        assert_eq!(
+            rule.matches(&format!(".matches('{}')", duration::PATTERN))
+                .count(),
+            2,
+            "{rule}"
+        );
         assert_eq!(
             text("/sink/properties/http/properties/url/pattern"),
             names::HTTP_URL_PATTERN

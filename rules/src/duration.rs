@@ -13,6 +13,10 @@ use std::time::Duration;
 /// The syntax as a regular expression, for the CRD schema.
 pub const PATTERN: &str = r"^[0-9]{1,9}(ms|s|m|h)$";
 
+/// The longest text [`PATTERN`] matches (nine digits and `ms`): the CRD's `maxLength`,
+/// which also bounds the cost the API server estimates for a CEL rule that reads it.
+pub const MAX_LEN: usize = 11;
+
 /// Examples quoted in error messages.
 const EXAMPLES: &str = "500ms, 5s or 1m";
 
@@ -115,6 +119,14 @@ pub fn retry_delays(initial: Duration, max: Duration, max_field: &str) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_len_is_the_longest_duration_the_pattern_takes() {
+        let longest = "999999999ms";
+        assert_eq!(longest.len(), MAX_LEN);
+        assert!(parse(longest).is_some());
+        assert_eq!(parse("9999999999s"), None, "ten digits");
+    }
 
     #[test]
     fn durations_take_one_whole_number_and_one_unit() {
