@@ -147,6 +147,15 @@ impl Buffer {
         (hold, release)
     }
 
+    /// Buffered messages per partition (for diagnostics).
+    pub fn depths(&self) -> Vec<(TopicPartition, usize)> {
+        self.queues
+            .iter()
+            .filter(|q| !q.msgs.is_empty())
+            .map(|q| (q.tp.clone(), q.msgs.len()))
+            .collect()
+    }
+
     pub fn max_messages(&self) -> usize {
         self.max_messages
     }

@@ -163,6 +163,8 @@ pub struct Shared {
     pub latency_count: AtomicU64,
     /// Set once any assignment (possibly empty) arrived: the replica is in the group.
     pub joined: AtomicBool,
+    /// librdkafka's own view from its last statistics (see [`Shared::describe`]).
+    kafka_view: Mutex<String>,
 }
 
 impl Shared {
@@ -193,6 +195,7 @@ impl Shared {
             latency_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
             joined: AtomicBool::new(false),
+            kafka_view: Mutex::default(),
         })
     }
 
@@ -222,6 +225,46 @@ impl Shared {
             .into_iter()
             .filter(|(tp, _)| core.assigned.contains_key(tp))
             .collect()
+    }
+
+    /// One line on what the replica holds and why it may not be dispatching: its
+    /// assignment, buffered messages per partition, slots in use and the flags that
+    /// stop dispatching. For a test's progress report (a stalled replica says why).
+    pub fn describe(&self) -> String {
+        let core = self.lock();
+        let mut assigned: Vec<String> = core
+            .assigned
+            .iter()
+            .map(|(tp, g)| format!("{tp}#{g}"))
+            .collect();
+        assigned.sort();
+        let buffered: Vec<String> = core
+            .buffer
+            .depths()
+            .iter()
+            .map(|(tp, n)| format!("{tp}:{n}"))
+            .collect();
+        format!(
+            "assigned=[{}] revoking={} buffered=[{}] in_flight={}/{} halted={} stopping={} brokers_down={} commits_refused={} paused={} consumed={} librdkafka: {}",
+            assigned.join(","),
+            core.revoking.len(),
+            buffered.join(","),
+            core.in_flight_total,
+            self.in_flight_limit.load(AtomicOrdering::Relaxed),
+            core.halted,
+            core.stopping,
+            core.brokers_down,
+            core.commits_refused,
+            self.metrics.paused_partitions.get(),
+            self.metrics.consumed.get(),
+            self.kafka_view.lock().unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Records librdkafka's view of the group and of the assigned partitions it is not
+    /// fetching, from its statistics (for [`Shared::describe`]).
+    pub fn set_kafka_view(&self, view: String) {
+        *self.kafka_view.lock().unwrap_or_else(|e| e.into_inner()) = view;
     }
 
     /// Records whether the group refuses commits (see [`Core::commits_refused`]).

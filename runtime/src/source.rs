@@ -157,6 +157,7 @@ impl ClientContext for SourceContext {
     }
 
     fn stats(&self, stats: Statistics) {
+        self.record_view(&stats);
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
                 if *p < 0 {
@@ -177,6 +178,33 @@ impl ClientContext for SourceContext {
                 }
             }
         }
+    }
+}
+
+impl SourceContext {
+    /// The group's state and every assigned partition librdkafka is not actively
+    /// fetching, for [`Shared::describe`]: a partition assigned here but never fetched
+    /// shows its fetch state (`offset-query`, `none`, ...).
+    fn record_view(&self, stats: &Statistics) {
+        let mut view = match &stats.cgrp {
+            Some(g) => format!(
+                "group {}/{} assignment_size={} rebalances={}",
+                g.state, g.join_state, g.assignment_size, g.rebalance_cnt
+            ),
+            None => "no group".to_string(),
+        };
+        let assigned: Vec<TopicPartition> = self.shared.lock().assigned.keys().cloned().collect();
+        for tp in assigned {
+            let state = stats
+                .topics
+                .get(tp.topic)
+                .and_then(|t| t.partitions.get(&tp.partition))
+                .map_or("unknown", |p| p.fetch_state.as_str());
+            if state != "active" {
+                view.push_str(&format!(" {tp}:{state}"));
+            }
+        }
+        self.shared.set_kafka_view(view);
     }
 }
 

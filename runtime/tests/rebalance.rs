@@ -96,6 +96,9 @@ async fn rebalance(kafka: Kafka<'static>, protocol: GroupProtocol) {
                     missing[i % 6] += 1;
                 }
                 eprintln!("{protocol}: not yet delivered, per partition: {missing:?}");
+                for (name, r) in [("b", &b), ("c", &c)] {
+                    eprintln!("  replica {name}: {}", r.handle.shared.describe());
+                }
             }
             ids.len() >= N - 1
         },
