@@ -10,7 +10,7 @@
 //!     leaseSeconds: 10           # 1..=3600, lease * 1000 > 2 * refreshMillis
 //!     refreshMillis: 1000        # 100..=600000
 //!     expectedMembers: 3         # >= 1 (default 1)
-//!     fallbackSeconds: 30        # optional, default 3 * leaseSeconds
+//!     fallbackSeconds: 30        # optional, 0..=86400, default 3 * leaseSeconds
 //!     token: change-me-please    # >= 16 characters
 //! ```
 //!
@@ -22,7 +22,9 @@ use crate::ledger::BudgetConfig;
 use crate::policy::Policy;
 use crate::protocol::Share;
 use crate::service::BudgetId;
-use pacer_rules::limits::{self, lease_seconds, max_in_flight, rate, refresh_millis};
+use pacer_rules::limits::{
+    self, fallback_seconds, lease_seconds, max_in_flight, rate, refresh_millis,
+};
 use pacer_rules::names::budget_name;
 use serde::Deserialize;
 use std::collections::BTreeSet;
@@ -141,14 +143,12 @@ fn entry(i: usize, b: FileBudget) -> Result<FileEntry, FileError> {
             format!("must be 1 to 100000, got {}", b.expected_members),
         ));
     }
-    let fallback_seconds = b.fallback_seconds.unwrap_or(3 * lease_seconds);
-    if !(0..=86_400).contains(&fallback_seconds) {
-        return Err(field(
-            i,
-            "fallbackSeconds",
-            format!("must be 0 to 86400, got {fallback_seconds}"),
-        ));
-    }
+    let fallback_seconds = fallback_seconds::RANGE
+        .check(
+            b.fallback_seconds
+                .unwrap_or_else(|| fallback_seconds::default_for(lease_seconds)),
+        )
+        .map_err(at(i, "fallbackSeconds"))?;
     if b.token.chars().count() < MIN_TOKEN_LEN {
         return Err(field(
             i,
@@ -187,6 +187,12 @@ mod tests {
         assert_eq!(b[0].config.lease_ms, 10_000);
         assert_eq!(b[0].config.refresh_ms, 1_000);
         assert_eq!(b[0].config.fallback_ms, 30_000);
+        let short =
+            parse(&GOOD.replace("policy: equal", "policy: equal\n    leaseSeconds: 4")).unwrap();
+        assert_eq!(short[0].config.fallback_ms, 12_000, "3 leases");
+        let none =
+            parse(&GOOD.replace("policy: equal", "policy: equal\n    fallbackSeconds: 0")).unwrap();
+        assert_eq!(none[0].config.fallback_ms, 0);
     }
 
     fn err(text: &str) -> String {
@@ -208,6 +214,8 @@ mod tests {
             ("name: orders", "name: Orders", "budgets[0].name: must be 1 to 253 characters of a-z, 0-9, '-' or '.', got \"Orders\""),
             ("policy: equal", "policy: random", "unknown variant `random`, expected `equal` or `demand`"),
             ("policy: equal", "policy: equal\n    leaseSeconds: 1\n    refreshMillis: 600", "budgets[0].leaseSeconds: leaseSeconds * 1000 (1000) must be greater than 2 * refreshMillis (1200) so a lease survives a missed refresh"),
+            ("policy: equal", "policy: equal\n    fallbackSeconds: -1", "budgets[0].fallbackSeconds: -1 is out of range, must be 0 to 86400"),
+            ("policy: equal", "policy: equal\n    fallbackSeconds: 86401", "budgets[0].fallbackSeconds: 86401 is out of range, must be 0 to 86400"),
             ("policy: equal", "policy: equal\n    colour: blue", "unknown field `colour`"),
         ];
         for (from, to, want) in cases {

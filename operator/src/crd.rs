@@ -263,6 +263,20 @@ pub struct BudgetSpec {
         max = "pacer_rules::limits::refresh_millis::MAX"
     ))]
     pub refresh_millis: i32,
+
+    /// How long a replica whose lease expired without a refresh may keep running on its
+    /// fallback share (budget / replicas, never more than its last grant), and so how
+    /// long the operator waits after a replica falls silent before giving its share to
+    /// the others: it cannot tell a crashed replica from one cut off from it. Default
+    /// 3 x leaseSeconds (30 s). 0 reclaims a silent replica's share one lease after its
+    /// last refresh, and a replica cut off from the operator stops taking messages as
+    /// soon as its lease expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(
+        min = "pacer_rules::limits::fallback_seconds::MIN",
+        max = "pacer_rules::limits::fallback_seconds::MAX"
+    ))]
+    pub fallback_seconds: Option<i32>,
 }
 
 // The budget's CEL rules, written from the shared bounds. The schema's `minimum` is

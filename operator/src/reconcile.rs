@@ -42,10 +42,7 @@ use crate::crd::{ThrottledConsumer, ThrottledConsumerStatus};
 use crate::metrics::Metrics;
 use crate::status::{self, Observed};
 use crate::validate::{validate, ValidSpec};
-
-/// How long a ledger entry keeps a member running on its fallback share after its lease
-/// expired, in lease lengths: the budget crate's default ratio (30 s for 10 s leases).
-pub const FALLBACK_LEASES: u64 = 3;
+use pacer_rules::limits::fallback_seconds;
 
 /// A step of the reconcile that failed. Each names the object and says what to check.
 #[derive(Debug, thiserror::Error)]
@@ -179,8 +176,17 @@ pub fn budget_config(v: &ValidSpec) -> BudgetConfig {
         expected_members: u32::try_from(v.desired_replicas()).unwrap_or(0),
         lease_ms,
         refresh_ms: u64::try_from(b.refresh_millis).unwrap_or(1000),
-        fallback_ms: lease_ms * FALLBACK_LEASES,
+        fallback_ms: fallback_ms(b),
     }
+}
+
+/// `budget.fallbackSeconds` in milliseconds, or its default (validated: 0 to a day).
+pub fn fallback_ms(b: &crate::crd::BudgetSpec) -> u64 {
+    let lease = i64::from(b.lease_seconds);
+    let seconds = b
+        .fallback_seconds
+        .map_or_else(|| fallback_seconds::default_for(lease), i64::from);
+    u64::try_from(seconds).unwrap_or(0) * 1000
 }
 
 /// Delay before retrying an object after `failures` consecutive failures: 1 s doubling
@@ -902,6 +908,31 @@ mod tests {
         assert_eq!(
             budget_config(&validate(&paused).unwrap()).expected_members,
             0
+        );
+    }
+
+    #[test]
+    fn fallback_seconds_sets_the_fallback_window_and_defaults_to_three_leases() {
+        let tc = tc_from_yaml(ORDERS_SYNC);
+        let mut spec = tc.spec.clone();
+        assert_eq!(
+            spec.budget.fallback_seconds,
+            Some(30),
+            "the example sets it"
+        );
+        assert_eq!(budget_config(&validate(&spec).unwrap()).fallback_ms, 30_000);
+        spec.budget.fallback_seconds = None;
+        spec.budget.lease_seconds = 4;
+        assert_eq!(budget_config(&validate(&spec).unwrap()).fallback_ms, 12_000);
+        spec.budget.fallback_seconds = Some(0);
+        assert_eq!(budget_config(&validate(&spec).unwrap()).fallback_ms, 0);
+        spec.budget.fallback_seconds = Some(90);
+        assert_eq!(budget_config(&validate(&spec).unwrap()).fallback_ms, 90_000);
+        spec.budget.fallback_seconds = Some(-1);
+        let refused = validate(&spec).unwrap_err().to_string();
+        assert!(
+            refused.contains("spec.budget.fallbackSeconds: -1 is out of range, must be 0 to 86400"),
+            "{refused}"
         );
     }
 }

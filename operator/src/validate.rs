@@ -260,6 +260,12 @@ fn check_budget(b: &BudgetSpec, errors: &mut Errors) {
         "spec.budget.leaseSeconds",
         limits::lease_outlives_refreshes(b.lease_seconds.into(), b.refresh_millis.into()),
     );
+    if let Some(f) = b.fallback_seconds {
+        errors.check(
+            "spec.budget.fallbackSeconds",
+            limits::fallback_seconds::RANGE.check(f.into()),
+        );
+    }
 }
 
 /// Checks the delivery settings; the sink timeout and the shutdown grace when both parse.
@@ -509,6 +515,10 @@ mod tests {
             ("/budget/properties/maxInFlight", max_in_flight::RANGE),
             ("/budget/properties/burst", burst::RANGE),
             ("/budget/properties/leaseSeconds", lease_seconds::RANGE),
+            (
+                "/budget/properties/fallbackSeconds",
+                limits::fallback_seconds::RANGE,
+            ),
             (
                 "/budget/properties/refreshMillis",
                 limits::refresh_millis::RANGE,

@@ -75,6 +75,12 @@ const LEASE_SECONDS: Place = Place {
     file: Some(|b, v| b["leaseSeconds"] = num(v)),
     ..Place::NONE
 };
+const FALLBACK_SECONDS: Place = Place {
+    name: "fallbackSeconds",
+    crd: Some(|s, v| s["budget"]["fallbackSeconds"] = num(v)),
+    file: Some(|b, v| b["fallbackSeconds"] = num(v)),
+    ..Place::NONE
+};
 const REFRESH_MILLIS: Place = Place {
     name: "refreshMillis",
     crd: Some(|s, v| s["budget"]["refreshMillis"] = num(v)),
@@ -333,7 +339,9 @@ fn values(place: &'static Place, cases: &[(&str, bool)]) -> Vec<Case> {
 }
 
 fn numeric_cases() -> Vec<Case> {
-    use limits::{burst, lease_seconds, max_attempts, max_in_flight, rate, refresh_millis};
+    use limits::{
+        burst, fallback_seconds, lease_seconds, max_attempts, max_in_flight, rate, refresh_millis,
+    };
     let max = rate::MAX.to_string();
     let above_max = (rate::MAX + 0.5).to_string();
     let mut cases = values(
@@ -349,6 +357,7 @@ fn numeric_cases() -> Vec<Case> {
     cases.extend(edges(&IN_FLIGHT, max_in_flight::RANGE, &[]));
     cases.extend(edges(&BURST, burst::RANGE, &[]));
     cases.extend(edges(&MAX_ATTEMPTS, max_attempts::RANGE, &[]));
+    cases.extend(edges(&FALLBACK_SECONDS, fallback_seconds::RANGE, &[]));
     // The lease must outlive two refreshes: test each bound with the other at its most
     // forgiving, then the cross-field rule itself.
     let shortest_refresh = refresh_millis::MIN.to_string();

@@ -91,6 +91,24 @@ pub mod lease_seconds {
     pub const RANGE: super::IntRange = super::IntRange { min: MIN, max: MAX };
 }
 
+/// How long a member whose lease expired without a refresh may run on its fallback
+/// share: `fallbackSeconds` in the CRD and the budgets file. The coordinator gives a
+/// silent member's share to the others only after its lease and this window, because it
+/// cannot tell a crashed member from one cut off from it; 0 trades that safety margin for
+/// the fastest reclaim (a member cut off stops taking messages when its lease expires).
+pub mod fallback_seconds {
+    pub const MIN: i64 = 0;
+    pub const MAX: i64 = 86_400;
+    pub const RANGE: super::IntRange = super::IntRange { min: MIN, max: MAX };
+    /// Leases in the default window: 30 s at the default 10 s lease.
+    pub const DEFAULT_LEASES: i64 = 3;
+
+    /// The window when none is set.
+    pub fn default_for(lease_seconds: i64) -> i64 {
+        DEFAULT_LEASES * lease_seconds
+    }
+}
+
 /// Refresh interval in milliseconds: `refreshMillis` in the CRD and the budgets file. The
 /// file used to accept down to 50; the CRD's 100 won: every replica calls the coordinator
 /// once per refresh, and ten calls a second per replica is already plenty.

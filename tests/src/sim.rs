@@ -165,8 +165,11 @@ pub struct Scenario {
     pub events: Vec<(u64, Event)>,
     /// Fraction of lease responses lost on the way back (the ledger applied them).
     pub lost_responses: f64,
-    /// Only Pacer's rows mean something (the peers have no responses to lose).
+    /// Only Pacer's rows mean something (the peers have no responses to lose, no
+    /// fallback window to set).
     pub pacer_only: bool,
+    /// `budget.fallbackSeconds` for this scenario, instead of [`Params::fallback_ms`].
+    pub fallback_ms: Option<u64>,
 }
 
 /// The scripted events of issue 9, each its own scenario, plus lost lease responses.
@@ -177,6 +180,7 @@ pub fn scenarios() -> Vec<Scenario> {
         events,
         lost_responses: 0.0,
         pacer_only: false,
+        fallback_ms: None,
     };
     vec![
         s("scale up 2 -> 4", 2, vec![(60_000, Event::Scale(4))]),
@@ -205,6 +209,15 @@ pub fn scenarios() -> Vec<Scenario> {
             events: vec![(60_000, Event::Scale(4))],
             lost_responses: 0.25,
             pacer_only: true,
+            fallback_ms: None,
+        },
+        Scenario {
+            name: "crash 1 of 4 (SIGKILL), fallbackSeconds 0",
+            replicas: 4,
+            events: vec![(60_000, Event::Crash(3))],
+            lost_responses: 0.0,
+            pacer_only: true,
+            fallback_ms: Some(0),
         },
     ]
 }
@@ -364,7 +377,7 @@ pub fn run(scenario: &Scenario, strategy: Strategy, p: &Params) -> Trace {
             expected_members: desired as u32,
             lease_ms: p.lease_ms,
             refresh_ms: p.refresh_ms,
-            fallback_ms: p.fallback_ms,
+            fallback_ms: scenario.fallback_ms.unwrap_or(p.fallback_ms),
         })
     });
 
@@ -878,6 +891,7 @@ mod tests {
             events,
             lost_responses: 0.0,
             pacer_only: false,
+            fallback_ms: None,
         }
     }
 

@@ -54,8 +54,9 @@ fn pacer_never_uses_more_than_the_budget_in_any_one_second_window_of_any_scenari
         }
         checked += 1;
     }
-    // Five scenarios plus lost responses, two policies each.
-    assert_eq!(checked, 12);
+    // Five scenarios, lost responses and a crash without a fallback window, two
+    // policies each.
+    assert_eq!(checked, 14);
 }
 
 #[test]
@@ -177,6 +178,30 @@ fn pacer_demand_reclaims_a_crashed_share_once_its_lease_and_fallback_window_ran_
         row("crash", Strategy::PacerEqual).reclaim_s,
         Some(None),
         "equal reuses the share only when a replacement pod joins"
+    );
+}
+
+#[test]
+fn with_fallback_seconds_0_pacer_demand_reclaims_a_crashed_share_one_lease_after_it_fell_silent() {
+    let p = Params::default();
+    let m = row(
+        "crash 1 of 4 (SIGKILL), fallbackSeconds 0",
+        Strategy::PacerDemand,
+    );
+    let reclaim = m.reclaim_s.expect("a crash").expect("reclaimed");
+    let lease = secs(p.lease_ms);
+    let interval = 1.1 * secs(p.refresh_ms);
+    assert!(
+        (lease - interval..=lease + interval).contains(&reclaim),
+        "reclaimed after {reclaim} s, lease {lease} s"
+    );
+    let default = row("crash 1 of 4 (SIGKILL)", Strategy::PacerDemand)
+        .reclaim_s
+        .flatten()
+        .expect("reclaimed");
+    assert!(
+        reclaim + secs(p.fallback_ms) - interval <= default,
+        "{reclaim} s without the window vs {default} s with it"
     );
 }
 

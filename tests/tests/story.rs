@@ -985,7 +985,9 @@ fn run(
     // its previous incarnation: a budget created within lease + fallback of the
     // coordinator's start is in learning mode until then (new members get 0).
     let learning_ends = story.operator_started
-        + Duration::from_secs(10 * (1 + pacer_operator::reconcile::FALLBACK_LEASES));
+        + Duration::from_secs(
+            10 * (1 + pacer_rules::limits::fallback_seconds::DEFAULT_LEASES) as u64,
+        );
     let first = wait_for(
         "the first delivery",
         learning_ends.saturating_duration_since(Instant::now()) + Duration::from_secs(60),
