@@ -78,6 +78,7 @@ fn main() {
                 holding: None,
                 observed_rate: None,
                 holding_fallback: None,
+                holding_fallback_ms: None,
             };
             let url = format!("http://{addr}/v1/budgets/bench/b{}/leases", m % budgets);
             let r = http
@@ -118,6 +119,7 @@ fn main() {
                         holding: Some(holdings[k]),
                         observed_rate: Some(10.0),
                         holding_fallback: None,
+                        holding_fallback_ms: None,
                     };
                     let url = format!("http://{addr}/v1/budgets/bench/b{b}/leases");
                     let t = Instant::now();

@@ -139,6 +139,12 @@ impl LeaseState {
         }
     }
 
+    /// The fallback window of the grant held (reported so the coordinator charges a
+    /// silent replica for as long as it may really run on its fallback).
+    pub fn holding_fallback_ms(&self) -> Option<u64> {
+        self.held.as_ref().map(|h| h.grant.fallback_ms)
+    }
+
     /// The next instant at which [`Self::effective`] changes on its own.
     pub fn next_change(&self, now: Instant) -> Option<Instant> {
         let h = self.held.as_ref()?;
@@ -270,6 +276,7 @@ async fn refresh_loop(
             demand: d.demand,
             holding: Some(holding),
             holding_fallback: Some(state.holding_fallback(now)),
+            holding_fallback_ms: state.holding_fallback_ms(),
             observed_rate: d.observed_rate,
         };
         let timeout = refresh_every.clamp(Duration::from_millis(500), Duration::from_secs(5));

@@ -65,35 +65,38 @@ impl BudgetConfig {
 }
 
 /// What a member may be using because of one lease: `share` until `until`, then
-/// `fallback` until `until + fallback_ms`.
+/// `fallback` for the `fallback_ms` its grant carried. The window is the grant's, not
+/// the budget's current one: a replica told "30 s" runs on its fallback that long even if
+/// `fallbackSeconds` was lowered since, so its charge must last as long.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 struct Charge {
     share: Share,
     fallback: Share,
     until: u64,
+    fallback_ms: u64,
 }
 
 impl Charge {
-    fn at(&self, now: u64, fallback_ms: u64) -> Share {
+    fn at(&self, now: u64) -> Share {
         if now < self.until {
             self.share.max(self.fallback)
-        } else if now < self.until.saturating_add(fallback_ms) {
+        } else if now < self.ends() {
             self.fallback
         } else {
             Share::ZERO
         }
     }
 
-    fn ends(&self, fallback_ms: u64) -> u64 {
-        self.until.saturating_add(fallback_ms)
+    fn ends(&self) -> u64 {
+        self.until.saturating_add(self.fallback_ms)
     }
 
     /// The next instant after `now` at which [`Self::at`] changes.
-    fn next_step(&self, now: u64, fallback_ms: u64) -> u64 {
+    fn next_step(&self, now: u64) -> u64 {
         if now < self.until {
             self.until
-        } else if now < self.ends(fallback_ms) {
-            self.ends(fallback_ms)
+        } else if now < self.ends() {
+            self.ends()
         } else {
             u64::MAX
         }
@@ -110,20 +113,16 @@ struct Member {
 }
 
 impl Member {
-    fn charge(&self, now: u64, fallback_ms: u64) -> Share {
-        self.prev
-            .at(now, fallback_ms)
-            .max(self.cur.at(now, fallback_ms))
+    fn charge(&self, now: u64) -> Share {
+        self.prev.at(now).max(self.cur.at(now))
     }
 
     fn is_live(&self, now: u64) -> bool {
         now < self.cur.until
     }
 
-    fn next_step(&self, now: u64, fallback_ms: u64) -> u64 {
-        self.prev
-            .next_step(now, fallback_ms)
-            .min(self.cur.next_step(now, fallback_ms))
+    fn next_step(&self, now: u64) -> u64 {
+        self.prev.next_step(now).min(self.cur.next_step(now))
     }
 }
 
@@ -249,9 +248,8 @@ impl Ledger {
     /// Drops members whose every charge has run out.
     pub fn expire(&mut self, now: u64) {
         self.next_gc = now.saturating_add(self.config.refresh_ms);
-        let fb = self.config.fallback_ms;
         self.members
-            .retain(|_, m| now < m.prev.ends(fb) || now < m.cur.ends(fb));
+            .retain(|_, m| now < m.prev.ends() || now < m.cur.ends());
         if self.learning.is_some_and(|l| now >= l.until) {
             self.learning = None;
         }
@@ -260,10 +258,9 @@ impl Ledger {
     /// What every member together may be using now, as counted (walks every member;
     /// refreshes use the cached [`Total`]).
     pub fn charged(&self, now: u64) -> Share {
-        let fb = self.config.fallback_ms;
         let mut sum = Share::ZERO;
         for m in self.members.values() {
-            let c = m.charge(now, fb);
+            let c = m.charge(now);
             sum.rate += c.rate;
             sum.in_flight = sum.in_flight.saturating_add(c.in_flight);
         }
@@ -275,17 +272,16 @@ impl Ledger {
         match self.total {
             Some(t) if now < t.valid_until => t,
             _ => {
-                let fb = self.config.fallback_ms;
                 let mut t = Total {
                     rate: 0.0,
                     in_flight: 0,
                     valid_until: u64::MAX,
                 };
                 for m in self.members.values() {
-                    let c = m.charge(now, fb);
+                    let c = m.charge(now);
                     t.rate += c.rate;
                     t.in_flight += u64::from(c.in_flight);
-                    t.valid_until = t.valid_until.min(m.next_step(now, fb));
+                    t.valid_until = t.valid_until.min(m.next_step(now));
                 }
                 self.total = Some(t);
                 t
@@ -299,14 +295,13 @@ impl Ledger {
         if now >= self.next_gc {
             self.expire(now);
         }
-        let fb = self.config.fallback_ms;
         let holding = req.holding.unwrap_or(Share::ZERO);
         let holding_fallback = req.holding_fallback.unwrap_or(holding).min(holding);
         let lease_ms = self.config.lease_ms;
         let known = self.members.get(&req.member).cloned();
         // What everyone else may be using, before this member's entry changes.
         let total = self.total(now);
-        let old = known.as_ref().map_or(Share::ZERO, |m| m.charge(now, fb));
+        let old = known.as_ref().map_or(Share::ZERO, |m| m.charge(now));
         let others = Share::new(
             (total.rate - old.rate).max(0.0),
             total.in_flight.saturating_sub(u64::from(old.in_flight)) as u32,
@@ -323,6 +318,11 @@ impl Ledger {
                 } else {
                     m.cur.until
                 },
+                // The window of the grant it says it holds; without that, the longest
+                // it may hold (a lost answer can leave it on an older, longer one).
+                fallback_ms: req
+                    .holding_fallback_ms
+                    .unwrap_or(m.cur.fallback_ms.max(m.prev.fallback_ms)),
             },
             // Unknown member claiming a holding: trust it (a restart, or a ledger that
             // forgot it), counted for a full lease.
@@ -330,6 +330,9 @@ impl Ledger {
                 share: holding,
                 fallback: holding_fallback,
                 until: now.saturating_add(lease_ms),
+                // Without its window, the budget's (a restarted coordinator knows no
+                // other).
+                fallback_ms: req.holding_fallback_ms.unwrap_or(self.config.fallback_ms),
             },
         };
 
@@ -377,12 +380,13 @@ impl Ledger {
                 share: grant,
                 fallback,
                 until: now.saturating_add(lease_ms),
+                fallback_ms: self.config.fallback_ms,
             };
-            let new = m.charge(now, fb);
+            let new = m.charge(now);
             self.total = Some(Total {
                 rate: others.rate + new.rate,
                 in_flight: u64::from(others.in_flight) + u64::from(new.in_flight),
-                valid_until: total.valid_until.min(m.next_step(now, fb)),
+                valid_until: total.valid_until.min(m.next_step(now)),
             });
         }
         debug_assert!(
@@ -462,13 +466,10 @@ impl Ledger {
 
     /// What `member` may be using now, as counted.
     pub fn charge_of(&self, member: &str, now: u64) -> Option<Share> {
-        self.members
-            .get(member)
-            .map(|m| m.charge(now, self.config.fallback_ms))
+        self.members.get(member).map(|m| m.charge(now))
     }
 
     pub fn snapshot(&self, namespace: &str, name: &str, now: u64) -> Snapshot {
-        let fb = self.config.fallback_ms;
         let mut granted = Share::ZERO;
         let mut observed = 0.0;
         let members = self
@@ -487,7 +488,7 @@ impl Ledger {
                     in_flight: m.cur.share.in_flight,
                     demand: m.demand,
                     holding: m.holding,
-                    charged: m.charge(now, fb),
+                    charged: m.charge(now),
                     observed_rate: m.observed_rate,
                     expires_in_ms: m.cur.until.saturating_sub(now),
                     state: if live {

@@ -74,6 +74,11 @@ pub struct LeaseRequest {
     /// that lease expired). Absent means the whole holding, the safe assumption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holding_fallback: Option<Share>,
+    /// The fallback window (`fallbackMs`) of the grant it holds: how long it would run
+    /// at `holdingFallback` once that lease expired. Absent (older clients): the longest
+    /// window the coordinator may have granted it, the safe assumption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding_fallback_ms: Option<u64>,
     /// Messages per second the member actually processed recently (for status only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_rate: Option<f64>,
@@ -93,6 +98,14 @@ impl LeaseRequest {
         }
         if let Some(o) = self.observed_rate {
             check_rate("observedRate", o)?;
+        }
+        if let Some(ms) = self.holding_fallback_ms {
+            let max = pacer_rules::limits::fallback_seconds::MAX as u64 * 1000;
+            if ms > max {
+                return Err(format!(
+                    "holdingFallbackMs: {ms} is out of range, must be 0 to {max}"
+                ));
+            }
         }
         Ok(())
     }

@@ -68,6 +68,9 @@ enum Op {
         in_flight: u32,
     },
     SetExpected(u32),
+    /// `fallbackSeconds` changed live (never above [`FALLBACK_MS`], which bounds the
+    /// window the checks allow for old leases).
+    SetFallback(u64),
     Restart,
 }
 
@@ -81,6 +84,7 @@ fn op(clients: usize) -> impl Strategy<Value = Op> {
         4 => (0..1_500u64).prop_map(Op::Advance),
         1 => (1.0..300.0f64, 1..40u32).prop_map(|(rate, in_flight)| Op::SetCapacity { rate, in_flight }),
         1 => (1..8u32).prop_map(Op::SetExpected),
+        1 => (0..=FALLBACK_MS).prop_map(Op::SetFallback),
         1 => Just(Op::Restart),
     ]
 }
@@ -94,6 +98,8 @@ struct Sim {
     history: Vec<(u64, Share)>,
     /// When the coordinator restarted.
     restarts: Vec<u64>,
+    /// When `fallback_ms` was last lowered.
+    fallback_lowered: Option<u64>,
 }
 
 impl Sim {
@@ -102,6 +108,7 @@ impl Sim {
             now: 0,
             history: vec![(0, cfg.capacity)],
             restarts: Vec::new(),
+            fallback_lowered: None,
             ledger: Ledger::new(cfg),
             clients: vec![Client::default(); clients],
         }
@@ -122,6 +129,12 @@ impl Sim {
             holding: Some(holding),
             observed_rate: None,
             holding_fallback: Some(self.clients[who].usage_fallback(self.now)),
+            // Older clients send no window; half the requests test that path.
+            holding_fallback_ms: self.clients[who]
+                .held
+                .as_ref()
+                .filter(|_| who.is_multiple_of(2))
+                .map(|(g, _)| g.fallback_ms),
         };
         req.validate().unwrap();
         let g = self.ledger.refresh(self.now, &req);
@@ -133,6 +146,7 @@ impl Sim {
                 let ack = LeaseRequest {
                     holding: Some(g.share()),
                     holding_fallback: Some(g.fallback),
+                    holding_fallback_ms: req.holding_fallback_ms.map(|_| g.fallback_ms),
                     ..req
                 };
                 let g2 = self.ledger.refresh(self.now, &ack);
@@ -171,6 +185,24 @@ impl Sim {
                 self.history.push((self.now, Share::new(rate, in_flight)));
             }
             Op::SetExpected(n) => self.ledger.set_expected_members(n),
+            Op::SetFallback(ms) => {
+                if ms < self.ledger.config().fallback_ms {
+                    self.fallback_lowered = Some(self.now);
+                }
+                let cfg = BudgetConfig {
+                    fallback_ms: ms,
+                    ..self.ledger.config().clone()
+                };
+                self.ledger.set_config(cfg);
+            }
+            // Not within an old window of lowering the fallback window: a restarted
+            // coordinator learns for a lease plus the window configured *now*, so a
+            // member cut off since before the change may outlast it (the README's
+            // documented limit of lowering `fallbackSeconds`).
+            Op::Restart
+                if self
+                    .fallback_lowered
+                    .is_some_and(|t| self.now < t + LEASE_MS + FALLBACK_MS) => {}
             Op::Restart => {
                 self.ledger = Ledger::restarted(self.ledger.config().clone(), self.now);
                 self.restarts.push(self.now);
@@ -381,6 +413,7 @@ fn req(member: &str, holding: Share) -> LeaseRequest {
         demand: Share::new(100.0, 10),
         holding: Some(holding),
         holding_fallback: None,
+        holding_fallback_ms: None,
         observed_rate: None,
     }
 }

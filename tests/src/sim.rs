@@ -596,6 +596,7 @@ fn refresh(
         demand,
         holding: Some(holding),
         holding_fallback: Some(c.state.holding_fallback(now)),
+        holding_fallback_ms: c.state.holding_fallback_ms(),
         observed_rate: None,
     };
     debug_assert_eq!(req.validate(), Ok(()));
