@@ -264,7 +264,10 @@ impl ApacheKafka {
             .env("PACER_KAFKA_DIR", &self.dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Null, not inherited: the shell outlives this process when it is held in a
+            // static (one per test binary) and cleans up after it; an inherited stderr
+            // would keep the test's output open meanwhile (nextest: leaked handles).
+            .stderr(Stdio::null())
             .spawn()
             .expect("spawn sh for the broker");
         let stdin = child.stdin.take().expect("broker pipe");
