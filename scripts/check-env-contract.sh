@@ -48,12 +48,19 @@ for e in pacer["env"]:
     env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 env["PACER_TOKEN_FILE"] = f"{work}/token"     # the Secret volume
 env["PACER_ADMIN_ADDR"] = "127.0.0.1:0"       # no fixed port on a shared machine
+if "PACER_TERMINATION_LOG" not in env:
+    sys.exit(f"{example}: the operator no longer sets PACER_TERMINATION_LOG (instant reclaim)")
+env["PACER_TERMINATION_LOG"] = f"{work}/termination-log"   # /dev/termination-log in a container
 full = {k: v for k, v in os.environ.items() if not k.startswith("PACER_")}
 full.update(env)
 try:
     p = subprocess.run(["target/debug/pacer", "run"], env=full, capture_output=True, text=True, timeout=3)
 except subprocess.TimeoutExpired:
-    print(f"    {example}: pacer run accepted {len(env)} variables")
+    message = open(f"{work}/termination-log").read() if os.path.exists(f"{work}/termination-log") else ""
+    if not re.fullmatch(r"pacer-incarnation=[0-9a-f]{16}\n", message):
+        sys.exit(f"{example}: pacer run wrote {message!r} to its termination log")
+    os.remove(f"{work}/termination-log")
+    print(f"    {example}: pacer run accepted {len(env)} variables and named its run in the termination log")
     sys.exit(0)
 sys.exit(f"{example}: pacer run exited {p.returncode}:\n{p.stderr[-2000:]}")
 PY

@@ -79,6 +79,7 @@ fn main() {
                 observed_rate: None,
                 holding_fallback: None,
                 holding_fallback_ms: None,
+                incarnation: None,
             };
             let url = format!("http://{addr}/v1/budgets/bench/b{}/leases", m % budgets);
             let r = http
@@ -120,6 +121,7 @@ fn main() {
                         observed_rate: Some(10.0),
                         holding_fallback: None,
                         holding_fallback_ms: None,
+                        incarnation: None,
                     };
                     let url = format!("http://{addr}/v1/budgets/bench/b{b}/leases");
                     let t = Instant::now();

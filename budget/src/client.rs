@@ -51,6 +51,14 @@ impl std::fmt::Debug for ClientConfig {
     }
 }
 
+/// This process's run, sent with every lease request (see
+/// [`LeaseRequest::incarnation`]): 16 random hexadecimal digits, the same for every
+/// client in the process (they are different members, and a process is one run).
+pub fn incarnation() -> &'static str {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 /// What the replica reports each refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Demand {
@@ -277,6 +285,7 @@ async fn refresh_loop(
             holding: Some(holding),
             holding_fallback: Some(state.holding_fallback(now)),
             holding_fallback_ms: state.holding_fallback_ms(),
+            incarnation: Some(incarnation().to_string()),
             observed_rate: d.observed_rate,
         };
         let timeout = refresh_every.clamp(Duration::from_millis(500), Duration::from_secs(5));
@@ -332,7 +341,11 @@ async fn refresh_loop(
     // Clean shutdown: stop using the lease first, then tell the coordinator.
     state.clear();
     publish(&lease_tx, Lease::NONE);
-    let url = format!("{leases_url}/{}", config.member);
+    let url = format!(
+        "{leases_url}/{}?incarnation={}",
+        config.member,
+        incarnation()
+    );
     match tokio::time::timeout(
         Duration::from_secs(2),
         http.delete(&url).bearer_auth(&config.token).send(),

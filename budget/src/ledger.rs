@@ -24,11 +24,17 @@
 //!
 //! After a restart the ledger knows nothing, not even how many members hold leases
 //! from the previous incarnation. Until every such lease *and its fallback window* has
-//! run out (a lease plus `fallback_ms`, "learning"), nobody gets more than it reports
-//! holding and new members get nothing, so nobody's usage grows and the old
-//! incarnation's bound still holds. This is longer than the single lease length of the
-//! first design sketch: one lease is enough only if no member can be running at its
-//! fallback unseen, which nothing guarantees.
+//! run out (a lease plus `fallback_ms`, "learning"), the ledger grants only out of the
+//! *pool*: the sum of what each member reported holding in its first request since the
+//! restart. Members unknown to the ledger hold at most the capacity minus that sum (the
+//! old incarnation's charges summed to at most the capacity, and no charge grows once
+//! its coordinator is gone), so grants that together stay within the pool keep the old
+//! bound. Within it the split works as usual, decrease before increase: a member with
+//! backlog takes what an idle one gave back, and a new member gets a share once others
+//! have shrunk (an earlier rule, "nobody gets more than it holds", froze the split for
+//! the whole window). This is longer than the single lease length of the first design
+//! sketch: one lease is enough only if no member can be running at its fallback unseen,
+//! which nothing guarantees.
 
 use crate::policy::{targets, Policy};
 use crate::protocol::{Grant, LeaseRequest, MemberSnapshot, MemberState, Share, Snapshot};
@@ -110,6 +116,9 @@ struct Member {
     observed_rate: Option<f64>,
     prev: Charge,
     cur: Charge,
+    /// The run of the member's process that refreshed last (see
+    /// [`Ledger::release_terminated`]).
+    incarnation: Option<String>,
 }
 
 impl Member {
@@ -136,10 +145,17 @@ struct Total {
     valid_until: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Learning {
-    /// Until then, grants never exceed what a member reports holding.
+    /// Until then, grants come only out of `pool`.
     until: u64,
+    /// What the members that reported since the restart held at their first report.
+    pool: Share,
+    /// Those members.
+    reported: std::collections::BTreeSet<String>,
+    /// The fallback window configured at the restart: members of the old incarnation
+    /// may run on it even if it was lowered since.
+    fallback_ms: u64,
 }
 
 /// The ledger of one budget.
@@ -156,6 +172,9 @@ pub struct Ledger {
     total: Option<Total>,
     /// Members whose charges all ran out are dropped at most once per refresh interval.
     next_gc: u64,
+    /// The in-flight share of runs reported terminated ([`Ledger::release_terminated`]),
+    /// each until the requests they had sent may have ended.
+    ended: Vec<Charge>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +201,7 @@ impl Ledger {
             targets: None,
             total: None,
             next_gc: 0,
+            ended: Vec::new(),
         }
     }
 
@@ -192,7 +212,12 @@ impl Ledger {
             .saturating_add(config.lease_ms)
             .saturating_add(config.fallback_ms);
         Self {
-            learning: Some(Learning { until }),
+            learning: Some(Learning {
+                until,
+                pool: Share::ZERO,
+                reported: Default::default(),
+                fallback_ms: config.fallback_ms,
+            }),
             ..Self::new(config)
         }
     }
@@ -250,7 +275,8 @@ impl Ledger {
         self.next_gc = now.saturating_add(self.config.refresh_ms);
         self.members
             .retain(|_, m| now < m.prev.ends() || now < m.cur.ends());
-        if self.learning.is_some_and(|l| now >= l.until) {
+        self.ended.retain(|c| now < c.ends());
+        if self.learning.as_ref().is_some_and(|l| now >= l.until) {
             self.learning = None;
         }
     }
@@ -259,12 +285,17 @@ impl Ledger {
     /// refreshes use the cached [`Total`]).
     pub fn charged(&self, now: u64) -> Share {
         let mut sum = Share::ZERO;
-        for m in self.members.values() {
-            let c = m.charge(now);
+        for c in self.charges(now) {
             sum.rate += c.rate;
             sum.in_flight = sum.in_flight.saturating_add(c.in_flight);
         }
         sum
+    }
+
+    /// Every charge at `now`: each member's, and what ended runs may still have in flight.
+    fn charges(&self, now: u64) -> impl Iterator<Item = Share> + '_ {
+        (self.members.values().map(move |m| m.charge(now)))
+            .chain(self.ended.iter().map(move |c| c.at(now)))
     }
 
     /// The cached sum of every member's charge at `now`.
@@ -277,12 +308,14 @@ impl Ledger {
                     in_flight: 0,
                     valid_until: u64::MAX,
                 };
-                for m in self.members.values() {
-                    let c = m.charge(now);
+                for c in self.charges(now) {
                     t.rate += c.rate;
                     t.in_flight += u64::from(c.in_flight);
-                    t.valid_until = t.valid_until.min(m.next_step(now));
                 }
+                t.valid_until = (self.members.values().map(|m| m.next_step(now)))
+                    .chain(self.ended.iter().map(|c| c.next_step(now)))
+                    .min()
+                    .unwrap_or(u64::MAX);
                 self.total = Some(t);
                 t
             }
@@ -295,7 +328,21 @@ impl Ledger {
         if now >= self.next_gc {
             self.expire(now);
         }
+        // A new run of a known member (its container restarted under the same pod name):
+        // the old run is gone, but requests it sent may still be running at the sink.
+        let restarted = self.members.get(&req.member).is_some_and(
+            |m| matches!((&m.incarnation, &req.incarnation), (Some(old), Some(new)) if old != new),
+        );
+        if restarted {
+            self.end_run(now, &req.member, None);
+        }
         let holding = req.holding.unwrap_or(Share::ZERO);
+        if let Some(l) = self.learning.as_mut().filter(|l| now < l.until) {
+            if l.reported.insert(req.member.clone()) {
+                l.pool.rate += holding.rate;
+                l.pool.in_flight = l.pool.in_flight.saturating_add(holding.in_flight);
+            }
+        }
         let holding_fallback = req.holding_fallback.unwrap_or(holding).min(holding);
         let lease_ms = self.config.lease_ms;
         let known = self.members.get(&req.member).cloned();
@@ -331,8 +378,12 @@ impl Ledger {
                 fallback: holding_fallback,
                 until: now.saturating_add(lease_ms),
                 // Without its window, the budget's (a restarted coordinator knows no
-                // other).
-                fallback_ms: req.holding_fallback_ms.unwrap_or(self.config.fallback_ms),
+                // other), or the one at the restart if that was longer.
+                fallback_ms: req.holding_fallback_ms.unwrap_or(
+                    (self.learning.as_ref().map(|l| l.fallback_ms))
+                        .unwrap_or(0)
+                        .max(self.config.fallback_ms),
+                ),
             },
         };
 
@@ -359,6 +410,7 @@ impl Ledger {
                 observed_rate: req.observed_rate,
                 prev,
                 cur: provisional,
+                incarnation: req.incarnation.clone(),
             },
         );
         let (target, expected) = self.target_of(&req.member, now);
@@ -370,8 +422,13 @@ impl Ledger {
             cap.in_flight.saturating_sub(others.in_flight),
         );
         let mut grant = target.min(room);
-        if self.is_learning(now) {
-            grant = grant.min(holding);
+        if let Some(l) = self.learning.as_ref().filter(|l| now < l.until) {
+            // Only what reported members gave back since the restart (see the module
+            // docs): the pool minus what the others may be using.
+            grant = grant.min(Share::new(
+                (l.pool.rate - others.rate).max(0.0),
+                l.pool.in_flight.saturating_sub(others.in_flight),
+            ));
         }
         let fallback = grant.min(self.fallback_share(expected));
 
@@ -419,6 +476,70 @@ impl Ledger {
             self.total = None;
         }
         removed
+    }
+
+    /// `member`'s run `incarnation` shut down cleanly ([`Ledger::release`]). When the
+    /// ledger knows another run of it (its container restarted, and the old run was never
+    /// reported terminated), that run ended unclean: what it may have in flight stays
+    /// charged for as long as its leases counted. Returns whether the member was known.
+    pub fn release_run(&mut self, now: u64, member: &str, incarnation: Option<&str>) -> bool {
+        let other_run = self.members.get(member).is_some_and(
+            |m| matches!((m.incarnation.as_deref(), incarnation), (Some(a), Some(b)) if a != b),
+        );
+        if other_run {
+            self.end_run(now, member, None);
+            true
+        } else {
+            self.release(member)
+        }
+    }
+
+    /// The kubelet reports the container of `member`'s run `incarnation` terminated at
+    /// or before `now`: a process that no longer exists starts nothing, so its rate
+    /// share, lease and fallback are given back at once. Its in-flight share is not: a
+    /// request it sent before it died may still be running at the sink, so what it may
+    /// have had in flight stays charged for `in_flight_ms` more (the sink call timeout,
+    /// the longest such a request runs as the replica counts it).
+    ///
+    /// Only if that run is the one that refreshed last: a restarted container (same pod
+    /// name, a new run) keeps what it was granted, and a member that never said which
+    /// run it is (an older client) keeps the lease + fallback path. Returns whether
+    /// anything was released.
+    pub fn release_terminated(
+        &mut self,
+        now: u64,
+        member: &str,
+        incarnation: &str,
+        in_flight_ms: u64,
+    ) -> bool {
+        let ours = self
+            .members
+            .get(member)
+            .is_some_and(|m| m.incarnation.as_deref() == Some(incarnation));
+        if ours {
+            self.end_run(now, member, Some(in_flight_ms));
+        }
+        ours
+    }
+
+    /// Removes `member`, whose process has ended, keeping what it may have in flight
+    /// charged for `in_flight_ms`, or without that, for as long as its leases counted.
+    fn end_run(&mut self, now: u64, member: &str, in_flight_ms: Option<u64>) {
+        let Some(m) = self.members.get(member) else {
+            return;
+        };
+        let in_flight = m.charge(now).in_flight;
+        let ms =
+            in_flight_ms.unwrap_or_else(|| m.prev.ends().max(m.cur.ends()).saturating_sub(now));
+        self.release(member);
+        if in_flight > 0 && ms > 0 {
+            self.ended.push(Charge {
+                share: Share::ZERO,
+                fallback: Share::new(0.0, in_flight),
+                until: now,
+                fallback_ms: ms,
+            });
+        }
     }
 
     /// The policy target of a live `member` and the expected member count, from the

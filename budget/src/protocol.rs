@@ -79,6 +79,12 @@ pub struct LeaseRequest {
     /// window the coordinator may have granted it, the safe assumption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holding_fallback_ms: Option<u64>,
+    /// Which run of the member's process sends this: random per process start. Under
+    /// Kubernetes the replica also writes it to its container's termination message, so
+    /// when the kubelet reports that container terminated the operator releases the
+    /// member's lease at once, but only if no newer run of it has refreshed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
     /// Messages per second the member actually processed recently (for status only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_rate: Option<f64>,
@@ -99,6 +105,9 @@ impl LeaseRequest {
         if let Some(o) = self.observed_rate {
             check_rate("observedRate", o)?;
         }
+        if let Some(i) = &self.incarnation {
+            validate_incarnation(i).map_err(|e| format!("incarnation: {e}"))?;
+        }
         if let Some(ms) = self.holding_fallback_ms {
             let max = pacer_rules::limits::fallback_seconds::MAX as u64 * 1000;
             if ms > max {
@@ -115,6 +124,39 @@ impl LeaseRequest {
 /// rule is `pacer_rules::names::member_name`, which `pacer run --member` checks too.
 pub fn validate_member(member: &str) -> Result<(), String> {
     pacer_rules::names::member_name(member).map_err(|e| format!("member: {e}"))
+}
+
+/// How a replica's termination message (Kubernetes' `/dev/termination-log`, which the
+/// kubelet reports however the container ended, even after SIGKILL) names its run.
+pub const TERMINATION_MESSAGE_PREFIX: &str = "pacer-incarnation=";
+
+/// The termination message a replica writes at start.
+pub fn termination_message(incarnation: &str) -> String {
+    format!("{TERMINATION_MESSAGE_PREFIX}{incarnation}\n")
+}
+
+/// The run named in a container's termination message, if it is a valid one.
+pub fn incarnation_in(message: &str) -> Option<&str> {
+    message
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(TERMINATION_MESSAGE_PREFIX))
+        .filter(|i| validate_incarnation(i).is_ok())
+}
+
+/// An incarnation is 1 to 64 characters of `[0-9a-f]` (what [`crate::client::incarnation`]
+/// makes), checked where the coordinator reads one: a lease request, a termination message.
+pub fn validate_incarnation(text: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&text.len())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} is not 1 to 64 lowercase hexadecimal digits"
+        ))
+    }
 }
 
 fn check_rate(field: &str, v: f64) -> Result<(), String> {

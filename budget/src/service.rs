@@ -12,8 +12,8 @@
 use crate::ledger::{BudgetConfig, Ledger};
 use crate::protocol::{ErrorBody, Grant, LeaseRequest, Snapshot};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -23,7 +23,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
 /// Largest accepted request body. A lease request is about 150 bytes; 16 KiB leaves room
@@ -140,6 +140,28 @@ impl Coordinator {
             }
             None => false,
         }
+    }
+
+    /// [`Ledger::release_terminated`] on budget `id` now (false for an unknown budget).
+    pub fn release_terminated(
+        &self,
+        id: &BudgetId,
+        member: &str,
+        incarnation: &str,
+        in_flight_for: Duration,
+    ) -> bool {
+        let Some(entry) = self.entry(id) else {
+            return false;
+        };
+        let now = self.now_ms();
+        let ms = u64::try_from(in_flight_for.as_millis()).unwrap_or(u64::MAX);
+        let released = lock(&entry)
+            .ledger
+            .release_terminated(now, member, incarnation, ms);
+        if released {
+            self.stats.releases.fetch_add(1, Ordering::Relaxed);
+        }
+        released
     }
 
     pub fn remove(&self, id: &BudgetId) -> bool {
@@ -333,9 +355,17 @@ async fn refresh(
     Json(grant).into_response()
 }
 
+/// `DELETE .../leases/{member}?incarnation=HEX`: the run that releases (optional, for
+/// older clients).
+#[derive(serde::Deserialize)]
+struct ReleaseParams {
+    incarnation: Option<String>,
+}
+
 async fn release(
     State(coord): State<Arc<Coordinator>>,
     Path((namespace, name, member)): Path<(String, String, String)>,
+    params: Result<Query<ReleaseParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let id = BudgetId::new(namespace, name);
@@ -346,7 +376,23 @@ async fn release(
     if let Err(e) = crate::protocol::validate_member(&member) {
         return rejected(&coord, ApiError::new(StatusCode::BAD_REQUEST, e));
     }
-    let known = lock(&entry).ledger.release(&member);
+    let incarnation = match params {
+        Ok(Query(p)) => p.incarnation,
+        Err(e) => {
+            let e = ApiError::new(StatusCode::BAD_REQUEST, format!("query: {}", e.body_text()));
+            return rejected(&coord, e);
+        }
+    };
+    if let Some(i) = &incarnation {
+        if let Err(e) = crate::protocol::validate_incarnation(i) {
+            let e = ApiError::new(StatusCode::BAD_REQUEST, format!("incarnation: {e}"));
+            return rejected(&coord, e);
+        }
+    }
+    let now = coord.now_ms();
+    let known = lock(&entry)
+        .ledger
+        .release_run(now, &member, incarnation.as_deref());
     coord.stats.releases.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(budget = %id, %member, known, "Lease released");
     StatusCode::NO_CONTENT.into_response()

@@ -302,6 +302,10 @@ mod bad_input {
                 br#"{"member":"a/b","demand":{"rate":1.0,"inFlight":1}}"#.to_vec(), 400, "member: only letters"),
             ("negative holding", url.clone(), Some(TOKEN),
                 br#"{"member":"m-1","demand":{"rate":1.0,"inFlight":1},"holding":{"rate":-5,"inFlight":0}}"#.to_vec(), 400, "holding.rate"),
+            ("bad incarnation", url.clone(), Some(TOKEN),
+                br#"{"member":"m-1","demand":{"rate":1.0,"inFlight":1},"incarnation":"Not-Hex"}"#.to_vec(), 400, "incarnation: \"Not-Hex\" is not 1 to 64 lowercase hexadecimal digits"),
+            ("fallback window over a day", url.clone(), Some(TOKEN),
+                br#"{"member":"m-1","demand":{"rate":1.0,"inFlight":1},"holdingFallbackMs":86400001}"#.to_vec(), 400, "holdingFallbackMs: 86400001 is out of range, must be 0 to 86400000"),
             ("huge body", url.clone(), Some(TOKEN), huge, 413, "larger than"),
             ("missing token", url.clone(), None, good.clone(), 401, "missing bearer token"),
             ("wrong token", url.clone(), Some("not-the-token"), good.clone(), 401, "wrong bearer token"),
@@ -355,6 +359,32 @@ mod bad_input {
         assert_eq!(snap.capacity, Share::new(100.0, 10));
         let r = http
             .delete(format!("{}/v1/budgets/ns/orders/leases/m-1", s.url))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+        // The releasing run, if named, must look like one.
+        let r = http
+            .delete(format!(
+                "{}/v1/budgets/ns/orders/leases/m-1?incarnation=../x",
+                s.url
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+        let body = r.text().await.unwrap();
+        assert!(
+            body.contains(r#"incarnation: \"../x\" is not 1 to 64 lowercase hexadecimal digits"#),
+            "{body}"
+        );
+        let r = http
+            .delete(format!(
+                "{}/v1/budgets/ns/orders/leases/m-1?incarnation=00ff",
+                s.url
+            ))
             .bearer_auth(TOKEN)
             .send()
             .await

@@ -12,6 +12,8 @@ use proptest::prelude::*;
 const LEASE_MS: u64 = 1_000;
 const REFRESH_MS: u64 = 100;
 const FALLBACK_MS: u64 = 2_000;
+/// The sink call timeout the operator passes with a terminated run.
+const SINK_TIMEOUT_MS: u64 = 300;
 /// Floating-point slack: sums of f64 shares may differ from capacity in the last bits.
 const EPS: f64 = 1e-9;
 
@@ -31,6 +33,13 @@ struct Client {
     /// Crashed: uses nothing and sends nothing until it rejoins.
     down: bool,
     held: Option<(Grant, u64)>,
+    /// Which run of the process this is (a kill and a rejoin start another).
+    run: u32,
+    /// Requests killed runs had sent, still running at the sink: (the run's lease, until
+    /// the sink call timeout). Like a live client's, they count at most what that lease
+    /// allows at each instant (this model, like the ledger, takes a shrinking share as
+    /// used at once).
+    orphans: Vec<(Option<(Grant, u64)>, u64)>,
 }
 
 impl Client {
@@ -40,6 +49,21 @@ impl Client {
             (false, Some((g, _))) => g.fallback.min(self.usage(now)),
             _ => Share::ZERO,
         }
+    }
+
+    /// What the client and its killed run's requests use.
+    fn total_usage(&self, now: u64) -> Share {
+        let mut u = self.usage(now);
+        for (held, until) in &self.orphans {
+            if now < *until {
+                let run = Client {
+                    held: *held,
+                    ..Client::default()
+                };
+                u.in_flight += run.usage(now).in_flight;
+            }
+        }
+        u
     }
 
     fn usage(&self, now: u64) -> Share {
@@ -61,6 +85,13 @@ enum Op {
     },
     Release(usize),
     Crash(usize),
+    /// The process is killed: its requests run on at the sink for up to
+    /// [`SINK_TIMEOUT_MS`]. `reported`: the kubelet's report reaches the ledger at once
+    /// (otherwise never, or only after the member's next run has leased).
+    Kill {
+        who: usize,
+        reported: bool,
+    },
     Rejoin(usize),
     Advance(u64),
     SetCapacity {
@@ -80,6 +111,7 @@ fn op(clients: usize) -> impl Strategy<Value = Op> {
             .prop_map(|(who, rate, in_flight, lost)| Op::Refresh { who, rate, in_flight, lost }),
         1 => (0..clients).prop_map(Op::Release),
         1 => (0..clients).prop_map(Op::Crash),
+        1 => (0..clients, any::<bool>()).prop_map(|(who, reported)| Op::Kill { who, reported }),
         1 => (0..clients).prop_map(Op::Rejoin),
         4 => (0..1_500u64).prop_map(Op::Advance),
         1 => (1.0..300.0f64, 1..40u32).prop_map(|(rate, in_flight)| Op::SetCapacity { rate, in_flight }),
@@ -118,6 +150,11 @@ impl Sim {
         format!("member-{i}")
     }
 
+    /// Two clients in three name their run in their requests; older clients did not.
+    fn names_its_run(i: usize) -> bool {
+        i % 3 != 2
+    }
+
     fn refresh(&mut self, who: usize, demand: Share, lost: bool) {
         if self.clients[who].down {
             return;
@@ -135,6 +172,7 @@ impl Sim {
                 .as_ref()
                 .filter(|_| who.is_multiple_of(2))
                 .map(|(g, _)| g.fallback_ms),
+            incarnation: Self::names_its_run(who).then(|| format!("{:x}", self.clients[who].run)),
         };
         req.validate().unwrap();
         let g = self.ledger.refresh(self.now, &req);
@@ -166,13 +204,43 @@ impl Sim {
             Op::Release(i) => {
                 if !self.clients[i].down {
                     self.clients[i].held = None;
-                    self.ledger.release(&Self::name(i));
+                    let run = format!("{:x}", self.clients[i].run);
+                    let run = Self::names_its_run(i).then_some(run.as_str());
+                    self.ledger.release_run(self.now, &Self::name(i), run);
                 }
             }
             Op::Crash(i) => self.clients[i].down = true,
+            Op::Kill { who, reported } => {
+                let named = Self::names_its_run(who);
+                let c = &mut self.clients[who];
+                if !c.down {
+                    // A client that does not name its run (older clients) is modelled as
+                    // before: a crash, its requests ending with it. Its next run's first
+                    // refresh (holding nothing) replaces its charge; a kubelet's restart
+                    // back-off (10 s) outlasts a sink call timeout (5 s by default).
+                    if named {
+                        c.orphans.push((c.held, self.now + SINK_TIMEOUT_MS));
+                    }
+                    c.down = true;
+                    let run = format!("{:x}", c.run);
+                    if reported {
+                        self.ledger.release_terminated(
+                            self.now,
+                            &Self::name(who),
+                            &run,
+                            SINK_TIMEOUT_MS,
+                        );
+                    }
+                }
+            }
             Op::Rejoin(i) => {
-                if self.clients[i].down {
-                    self.clients[i] = Client::default();
+                let c = &self.clients[i];
+                if c.down {
+                    self.clients[i] = Client {
+                        run: c.run + 1,
+                        orphans: c.orphans.clone(),
+                        ..Client::default()
+                    };
                 }
             }
             Op::Advance(ms) => self.now += ms,
@@ -241,7 +309,7 @@ impl Sim {
     fn usage(&self) -> Share {
         let mut sum = Share::ZERO;
         for c in &self.clients {
-            let u = c.usage(self.now);
+            let u = c.total_usage(self.now);
             sum.rate += u.rate;
             sum.in_flight += u.in_flight;
         }
@@ -414,8 +482,59 @@ fn req(member: &str, holding: Share) -> LeaseRequest {
         holding: Some(holding),
         holding_fallback: None,
         holding_fallback_ms: None,
+        incarnation: None,
         observed_rate: None,
     }
+}
+
+/// [`req`] from run `incarnation` of the member's process.
+fn req_from(member: &str, holding: Share, incarnation: &str) -> LeaseRequest {
+    LeaseRequest {
+        incarnation: Some(incarnation.into()),
+        ..req(member, holding)
+    }
+}
+
+#[test]
+fn a_terminated_run_gives_its_rate_back_at_once_and_its_in_flight_after_the_sink_timeout() {
+    let mut l = Ledger::new(config(100.0, 10, Policy::Demand, 2));
+    let a = l.refresh(0, &req_from("a", Share::ZERO, "0a"));
+    l.refresh(0, &req_from("b", Share::ZERO, "0b"));
+    assert!(a.rate > 0.0 && a.in_flight > 0);
+    assert!(
+        !l.release_terminated(1, "a", "0b", 500),
+        "another run's termination"
+    );
+    assert!(!l.release_terminated(1, "nobody", "0a", 500));
+    assert!(l.release_terminated(1, "a", "0a", 500));
+    assert_eq!(l.charge_of("a", 1), None, "no member left");
+    assert!(!l.release_terminated(1, "a", "0a", 500), "once");
+    // What a may still have in flight at the sink stays charged for the timeout...
+    assert_eq!(l.charged(1).in_flight, 10, "b's and a's requests");
+    // ...but its rate is free at once: b takes all of it (demand policy, b alone).
+    let b = l.refresh(1, &req_from("b", Share::ZERO, "0b"));
+    assert_eq!(b.rate, 100.0, "b gets a's rate at once");
+    assert_eq!(b.in_flight, 10 - a.in_flight, "not a's in-flight share yet");
+    // After the timeout, the in-flight share is free too.
+    assert_eq!(
+        l.refresh(501, &req_from("b", b.share(), "0b")).in_flight,
+        10
+    );
+}
+
+#[test]
+fn a_restarted_run_of_the_member_keeps_its_lease_when_the_old_run_is_reported_terminated() {
+    let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
+    let first = l.refresh(0, &req_from("a", Share::ZERO, "01"));
+    // The container restarted (same pod name) and its new run leased before the
+    // kubelet's report of the old one reached the operator.
+    let again = l.refresh(5, &req_from("a", Share::ZERO, "02"));
+    assert!(!l.release_terminated(6, "a", "01", 500));
+    assert!(first.rate > 0.0);
+    assert_eq!(l.charge_of("a", 6), Some(again.share()));
+    // A member that never said which run it is keeps the lease + fallback path.
+    l.refresh(6, &req("old-client", Share::ZERO));
+    assert!(!l.release_terminated(6, "old-client", "", 500));
 }
 
 #[test]
@@ -460,9 +579,11 @@ fn a_shrunk_member_keeps_counting_its_old_holding_until_it_shows_the_smaller_one
 }
 
 #[test]
-fn a_restarted_coordinator_grants_no_more_than_holding_and_nothing_to_new_members() {
+fn a_restarted_coordinator_grants_only_what_reported_members_held() {
     let cfg = config(100.0, 10, Policy::Equal, 2);
     let mut l = Ledger::restarted(cfg, 0);
+    // Nothing is known to be free: the old incarnation may have granted the other 70
+    // to members that have not reported yet.
     assert_eq!(
         l.refresh(0, &req("old", Share::new(30.0, 3))).share(),
         Share::new(30.0, 3)
@@ -475,6 +596,39 @@ fn a_restarted_coordinator_grants_no_more_than_holding_and_nothing_to_new_member
         l.refresh(after, &req("new", Share::ZERO)).share(),
         Share::new(50.0, 5)
     );
+}
+
+#[test]
+fn while_learning_what_one_member_gives_back_another_may_take() {
+    let cfg = config(100.0, 10, Policy::Demand, 2);
+    let mut l = Ledger::restarted(cfg, 0);
+    let idle = Share::new(1.0, 1);
+    let busy = Share::new(1_000.0, 10);
+    // Both held 50 from the old incarnation; one has drained its partitions.
+    let held = Share::new(50.0, 5);
+    let r = |member: &str, demand: Share, holding: Share| LeaseRequest {
+        demand,
+        ..req(member, holding)
+    };
+    assert_eq!(
+        l.refresh(0, &r("busy", busy, held)).share(),
+        held,
+        "not more yet"
+    );
+    let shrunk = l.refresh(0, &r("idle", idle, held)).share();
+    assert!(shrunk.rate < held.rate, "the idle one shrinks: {shrunk:?}");
+    // ...and says so; then the busy one takes what it gave back, within the pool.
+    l.refresh(10, &r("idle", idle, shrunk));
+    let grown = l.refresh(20, &r("busy", busy, held)).share();
+    assert!(grown.rate > held.rate, "{grown:?}");
+    assert!(grown.rate + shrunk.rate <= 100.0 + 1e-9);
+    // A member that never reported adds nothing to the pool: a new one gets nothing
+    // while the others hold it all.
+    assert_eq!(
+        l.refresh(30, &r("new", busy, Share::ZERO)).share().rate,
+        0.0
+    );
+    assert!(l.is_learning(30));
 }
 
 #[test]

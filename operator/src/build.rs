@@ -75,9 +75,10 @@ pub mod env {
     pub const SHUTDOWN_GRACE: &str = "PACER_SHUTDOWN_GRACE";
     pub const ADMIN_ADDR: &str = "PACER_ADMIN_ADDR";
     pub const LOG_FORMAT: &str = "PACER_LOG_FORMAT";
+    pub const TERMINATION_LOG: &str = "PACER_TERMINATION_LOG";
 
     /// Every variable `pacer run` reads that the operator sets.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         BOOTSTRAP_SERVERS,
         TOPICS,
         GROUP_ID,
@@ -98,6 +99,7 @@ pub mod env {
         SHUTDOWN_GRACE,
         ADMIN_ADDR,
         LOG_FORMAT,
+        TERMINATION_LOG,
     ];
 
     /// Downward-API pod name; `PACER_MEMBER` expands it.
@@ -309,9 +311,17 @@ pub fn env_vars(tc: &ThrottledConsumer, v: &ValidSpec, settings: &BuildSettings)
         plain(env::ADMIN_ADDR, format!("0.0.0.0:{ADMIN_PORT}")),
         // Log collectors in a cluster parse JSON.
         plain(env::LOG_FORMAT, "json"),
+        // The replica names its run there; the kubelet reports it when the container
+        // terminates, however it ended (see crate::reclaim).
+        plain(env::TERMINATION_LOG, TERMINATION_MESSAGE_PATH),
     ]);
     out
 }
+
+/// The replica container's termination message file: Kubernetes' default path and
+/// `File` policy, set explicitly so the rendered manifest says where the replica names
+/// its run (a `template` that changes them must change `PACER_TERMINATION_LOG` too).
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
@@ -371,6 +381,8 @@ fn base_pod_template(
         liveness_probe: Some(http_probe("/livez", 10, 6)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         security_context: Some(restricted_container_security()),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        termination_message_policy: Some("File".into()),
         volume_mounts: Some(vec![VolumeMount {
             name: "budget-token".into(),
             mount_path: TOKEN_DIR.into(),
@@ -576,6 +588,7 @@ mod tests {
             ("PACER_DEAD_LETTER_TOPIC", "orders-dlq"),
             ("PACER_SHUTDOWN_GRACE", "30s"),
             ("PACER_ADMIN_ADDR", "0.0.0.0:9090"),
+            ("PACER_TERMINATION_LOG", "/dev/termination-log"),
         ];
         for (k, v) in expect {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");

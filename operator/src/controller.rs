@@ -74,6 +74,11 @@ pub async fn run(
     .graceful_shutdown_on(shutdown);
     let store = controller.store();
     let events = Arc::new(Events::new(client.clone()));
+    let reclaimer = tokio::spawn(crate::reclaim::watch_pods(
+        ctx.clone(),
+        store.clone(),
+        namespace.clone(),
+    ));
     let sweeper = tokio::spawn(sweep_budgets(store, ctx.clone(), events.clone(), ready));
     info!(namespace = ns.unwrap_or("<all>"), "Controller started");
     controller
@@ -99,6 +104,7 @@ pub async fn run(
         })
         .await;
     sweeper.abort();
+    reclaimer.abort();
     info!("Controller stopped");
 }
 

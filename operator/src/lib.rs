@@ -14,6 +14,9 @@
 //!                  server-side    │   └─ status (conditions, allocations, rates)
 //!                  apply          ▼
 //!          Secret (token) · Deployment · PodDisruptionBudget
+//!
+//!  Pods of the fleets ──watch──▶ reclaim ──release_terminated──▶ Coordinator
+//!  (a container reported terminated: its run's lease and fallback are released)
 //! ```
 //!
 //! ## Layout
@@ -27,6 +30,7 @@
 //! - [`controller`]: watches (through `DeserializeGuard`), readiness, budget sweep.
 //! - [`events`]: Kubernetes Events for `kubectl describe` (invalid spec, scaled, budget
 //!   changed, leases expired), decided by pure functions after each reconcile.
+//! - [`reclaim`]: the Pod watch that releases a terminated replica's lease at once.
 //! - [`admin`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
 //!
 //! The operator must run as a single replica: the coordinator's ledgers live in its
@@ -42,6 +46,7 @@ pub mod events;
 #[cfg(test)]
 mod fixtures;
 pub mod metrics;
+pub mod reclaim;
 pub mod reconcile;
 #[cfg(test)]
 mod scale_tests;

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub granted_rate: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     pub granted_in_flight: Family<BudgetLabels, Gauge>,
     pub observed_rate: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// Leases released because the kubelet reported the replica's container terminated.
+    pub reclaims: Counter,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,12 @@ impl Metrics {
         let granted_rate = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         let granted_in_flight = Family::<BudgetLabels, Gauge>::default();
         let observed_rate = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let reclaims = Counter::default();
+        registry.register(
+            "reclaims",
+            "Leases released at once because the replica's container was reported terminated",
+            reclaims.clone(),
+        );
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -140,6 +148,7 @@ impl Metrics {
             granted_rate,
             granted_in_flight,
             observed_rate,
+            reclaims,
         }
     }
 

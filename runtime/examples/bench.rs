@@ -118,6 +118,7 @@ fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec, in_flight: 
         dead_letter_topic: None,
         shutdown_grace: Duration::from_secs(10),
         admin_addr: None,
+        termination_log: None,
     }
 }
 

@@ -131,6 +131,12 @@ pub struct RunArgs {
     /// Log format.
     #[arg(long, env = "PACER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// File to write this run's id to at start, for a leased replica: Kubernetes'
+    /// container termination message (`/dev/termination-log`, set by the operator), so
+    /// that when the kubelet reports the container terminated the operator gives its
+    /// share to the others at once instead of after the lease and fallback window.
+    #[arg(long, env = "PACER_TERMINATION_LOG")]
+    pub termination_log: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -221,6 +227,8 @@ pub struct RunConfig {
     pub dead_letter_topic: Option<String>,
     pub shutdown_grace: Duration,
     pub admin_addr: Option<SocketAddr>,
+    /// See [`RunArgs::termination_log`].
+    pub termination_log: Option<std::path::PathBuf>,
 }
 
 /// A configuration that names flags in a way clap alone cannot check.
@@ -271,6 +279,7 @@ impl RunArgs {
             shutdown_grace,
             admin_addr,
             log_format: _,
+            termination_log,
         } = self;
 
         let budget = match (coordinator, rate) {
@@ -363,6 +372,7 @@ impl RunArgs {
             dead_letter_topic,
             shutdown_grace,
             admin_addr: Some(admin_addr),
+            termination_log,
         })
     }
 }

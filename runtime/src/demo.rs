@@ -153,6 +153,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             dead_letter_topic: None,
             shutdown_grace: Duration::from_secs(5),
             admin_addr: None,
+            termination_log: None,
         };
         let task = tokio::spawn(crate::run(config, async move {
             let _ = rx.wait_for(|s| *s).await;

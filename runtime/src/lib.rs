@@ -103,6 +103,9 @@ pub async fn run(
             run_with_allowance(config, rx, shutdown, |_| {}).await
         }
         BudgetSource::Leased { client } => {
+            if let Some(path) = &config.termination_log {
+                write_termination_message(path);
+            }
             let lease = leased::Leased::start(client);
             let rx = lease.allowance();
             let demand = lease.clone_demand();
@@ -113,6 +116,19 @@ pub async fn run(
             lease.release().await;
             result
         }
+    }
+}
+
+/// Names this run in the container's termination message (see
+/// [`config::RunArgs::termination_log`]). A failure costs only the faster reclaim.
+fn write_termination_message(path: &std::path::Path) {
+    let message = pacer_budget::protocol::termination_message(pacer_budget::client::incarnation());
+    if let Err(e) = std::fs::write(path, message) {
+        warn!(
+            path = %path.display(),
+            error = %e,
+            "Cannot write the termination message; if this replica crashes, its share returns only after its lease and fallback window"
+        );
     }
 }
 

@@ -83,6 +83,8 @@ pub struct KubeletConfig {
     pub poll: Duration,
     /// Variables set before the Pod's own (which win), e.g. a log level.
     pub extra_env: Vec<(String, String)>,
+    /// First restart back-off of a container that exited (doubled up to 10 s).
+    pub first_backoff: Duration,
 }
 
 impl KubeletConfig {
@@ -103,6 +105,7 @@ impl KubeletConfig {
             program: program.to_path_buf(),
             poll: Duration::from_millis(100),
             extra_env: Vec::new(),
+            first_backoff: FIRST_BACKOFF,
         }
     }
 }
@@ -245,6 +248,17 @@ impl Kubelet {
             .collect()
     }
 
+    /// SIGKILLs `pod`'s process, as the kernel's OOM killer or a crash would end it: the
+    /// kubelet then reports the container terminated (with its termination message)
+    /// and starts it again after its back-off. False if no process of `pod` runs.
+    pub fn kill(&self, pod: &str) -> bool {
+        self.lock()
+            .children
+            .values_mut()
+            .find(|(name, _)| name == pod)
+            .is_some_and(|(_, child)| child.kill().is_ok())
+    }
+
     /// The local port standing in for `container_port` of `pod`'s running process.
     pub fn host_port(&self, pod: &str, container_port: u16) -> Option<u16> {
         self.lock()
@@ -330,7 +344,10 @@ impl Watchdog {
             .arg(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Null, not inherited: the shell outlives this process when it is held in a
+            // static (one per test binary) and cleans up after it; an inherited stderr
+            // would keep the test's output open meanwhile (nextest: leaked handles).
+            .stderr(Stdio::null())
             .spawn()
             .expect("spawn the kubelet's watchdog shell");
         let stdin = child.stdin.take().expect("watchdog pipe");
@@ -392,6 +409,10 @@ pub struct HttpProbe {
 pub struct Launch {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The container's termination message file here (its `terminationMessagePath`,
+    /// `/dev/termination-log` by default, is rewritten to it like a mount): emptied at
+    /// each start, read when the process ends and reported as `terminated.message`.
+    pub termination_log: PathBuf,
     /// Folders to create (Secret and emptyDir volumes).
     pub dirs: Vec<PathBuf>,
     pub files: Vec<File>,
@@ -526,6 +547,12 @@ pub fn launch(
         };
         mounts.push((m.mount_path.trim_end_matches('/').to_string(), path));
     }
+    let termination_log = root.join("termination-log");
+    let message_path = c
+        .termination_message_path
+        .clone()
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    mounts.push((message_path, termination_log.clone()));
     // The longest mount path first, so a nested mount wins.
     mounts.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
 
@@ -607,6 +634,7 @@ pub fn launch(
     Ok(Launch {
         args,
         env,
+        termination_log,
         dirs,
         files,
         ports,
@@ -744,6 +772,9 @@ struct Terminated {
     signal: Option<i32>,
     started_at: String,
     finished_at: String,
+    /// What the container left in its termination message file (at most 4 KiB, as a
+    /// kubelet reads).
+    message: Option<String>,
 }
 
 impl Terminated {
@@ -757,8 +788,19 @@ impl Terminated {
         if let Some(s) = self.signal {
             t["signal"] = json!(s);
         }
+        if let Some(m) = &self.message {
+            t["message"] = json!(m);
+        }
         t
     }
+}
+
+/// A container's termination message: the first 4 KiB of its file, if any (a kubelet's
+/// limit per container).
+fn termination_message(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let bytes = &bytes[..bytes.len().min(4096)];
+    (!bytes.is_empty()).then(|| String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// What this kubelet knows of one Pod (by uid).
@@ -786,7 +828,7 @@ struct PodRun {
 }
 
 impl PodRun {
-    fn new(pod: &Pod, container: &str) -> PodRun {
+    fn new(pod: &Pod, container: &str, first_backoff: Duration) -> PodRun {
         let image = pod
             .spec
             .as_ref()
@@ -806,7 +848,7 @@ impl PodRun {
             ready_since: now_rfc3339(),
             last_terminated: None,
             restart_at: None,
-            backoff: FIRST_BACKOFF,
+            backoff: first_backoff,
             kill_at: None,
             delete_sent: false,
             waiting: None,
@@ -1079,9 +1121,10 @@ impl Loop {
             None => {}
         }
         let container = self.config.container.clone();
+        let first_backoff = self.config.first_backoff;
         self.pods
             .entry(uid.clone())
-            .or_insert_with(|| PodRun::new(pod, &container));
+            .or_insert_with(|| PodRun::new(pod, &container, first_backoff));
         self.reap(&uid);
 
         if pod.metadata.deletion_timestamp.is_some() {
@@ -1228,6 +1271,9 @@ impl Loop {
             std::fs::set_permissions(&f.path, std::fs::Permissions::from_mode(f.mode))
                 .map_err(|e| format!("{}: {e}", f.path.display()))?;
         }
+        // Each run starts with an empty termination message, as under a real kubelet.
+        std::fs::write(&l.termination_log, b"")
+            .map_err(|e| format!("{}: {e}", l.termination_log.display()))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1283,6 +1329,10 @@ impl Loop {
             signal: status.signal(),
             started_at: run.started_at.take().unwrap_or_else(now_rfc3339),
             finished_at: now_rfc3339(),
+            message: run
+                .launch
+                .as_ref()
+                .and_then(|l| termination_message(&l.termination_log)),
         };
         run.last_terminated = Some(t);
         if run.ready {
@@ -1413,6 +1463,10 @@ impl Loop {
                     signal: Some(9),
                     started_at: started,
                     finished_at: now_rfc3339(),
+                    message: run
+                        .launch
+                        .as_ref()
+                        .and_then(|l| termination_message(&l.termination_log)),
                 });
             }
             run.pid = None;
@@ -1585,6 +1639,7 @@ mod tests {
                         {"name": "PACER_KAFKA_CONFIG", "value": "security.protocol=SASL_SSL,sasl.password=$(PACER_KAFKA_SECRET_0)"},
                         {"name": "PACER_TOKEN_FILE", "value": "/var/run/secrets/pacer/token"},
                         {"name": "PACER_ADMIN_ADDR", "value": "0.0.0.0:9090"},
+                        {"name": "PACER_TERMINATION_LOG", "value": "/dev/termination-log"},
                         {"name": "TEAM", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['team']"}}},
                         {"name": "LATER", "value": "$(DEFINED_AFTER)"},
                         {"name": "DEFINED_AFTER", "value": "x"},
@@ -1637,6 +1692,11 @@ mod tests {
             "/tmp/k/orders-7d9f-x2/volumes/budget-token/token"
         );
         assert_eq!(env["PACER_ADMIN_ADDR"], "127.0.0.1:41234");
+        assert_eq!(
+            env["PACER_TERMINATION_LOG"],
+            "/tmp/k/orders-7d9f-x2/termination-log"
+        );
+        assert_eq!(l.termination_log, root.join("termination-log"));
         assert_eq!(env["TEAM"], "payments");
         // Only variables defined earlier expand.
         assert_eq!(env["LATER"], "$(DEFINED_AFTER)");
@@ -1764,7 +1824,7 @@ mod tests {
     #[test]
     fn status_reports_running_ready_and_the_last_termination() {
         let pod = operator_pod();
-        let mut run = PodRun::new(&pod, "pacer");
+        let mut run = PodRun::new(&pod, "pacer", FIRST_BACKOFF);
         let s = run.status("pacer");
         assert_eq!(s["status"]["phase"], "Pending");
         run.pid = Some(42);
@@ -1787,6 +1847,7 @@ mod tests {
             signal: None,
             started_at: "a".into(),
             finished_at: "b".into(),
+            message: Some("pacer-incarnation=0f\n".into()),
         });
         run.waiting = Some(("CrashLoopBackOff".into(), "m".into()));
         run.restarts = 1;
@@ -1796,6 +1857,10 @@ mod tests {
         assert_eq!(s["status"]["conditions"][3]["status"], "False");
         assert_eq!(cs["state"]["waiting"]["reason"], "CrashLoopBackOff");
         assert_eq!(cs["lastState"]["terminated"]["exitCode"], 2);
+        assert_eq!(
+            cs["lastState"]["terminated"]["message"],
+            "pacer-incarnation=0f\n"
+        );
         assert_eq!(cs["restartCount"], 1);
     }
 

@@ -597,6 +597,7 @@ fn refresh(
         holding: Some(holding),
         holding_fallback: Some(c.state.holding_fallback(now)),
         holding_fallback_ms: c.state.holding_fallback_ms(),
+        incarnation: None,
         observed_rate: None,
     };
     debug_assert_eq!(req.validate(), Ok(()));

@@ -1,8 +1,9 @@
 //! The test kubelet ([`pacer_tests::kubelet`]) on a real control plane, with `/bin/sh`
 //! standing in for the image: Pods of Deployments are bound and run, see their
 //! downward-API name, their Secret values and their Secret volume, are reported Ready
-//! (the Deployment counts them), are restarted when they exit, and are stopped with
-//! SIGTERM, or SIGKILL after their grace period, when deleted.
+//! (the Deployment counts them), are restarted when they exit (their termination message
+//! reported), and are stopped with SIGTERM, or SIGKILL after their grace period, when
+//! deleted.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,6 +51,8 @@ fn deployment(name: &str, script: &str, grace: i64) -> Value {
                             {"name": "GREETING", "value": "hello $(POD_NAME)"},
                             {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
                             {"name": "TOKEN_FILE", "value": "/etc/creds/token"},
+                            // Rewritten like a mount path (only whole values are).
+                            {"name": "MESSAGE_FILE", "value": "/dev/termination-log"},
                         ],
                         "volumeMounts": [{"name": "creds", "mountPath": "/etc/creds", "readOnly": true}],
                     }],
@@ -212,8 +215,13 @@ fn the_test_kubelet_runs_restarts_and_stops_pods_of_deployments() {
         "--wait=false",
     ]);
 
-    // Exits on its own: reported terminated and started again.
-    apply(deployment("crashing", "echo run; exit 3", 30));
+    // Exits on its own: reported terminated (with its termination message) and started
+    // again.
+    apply(deployment(
+        "crashing",
+        "echo run; echo last words > \"$MESSAGE_FILE\"; exit 3",
+        30,
+    ));
     let pod = wait_for("the crashing Pod", Duration::from_secs(60), || {
         pod_names(&cp, &ns, "crashing").pop()
     });
@@ -225,6 +233,10 @@ fn the_test_kubelet_runs_restarts_and_stops_pods_of_deployments() {
         (cs["restartCount"].as_u64()? >= 2).then(|| cs.clone())
     });
     assert_eq!(status["lastState"]["terminated"]["exitCode"], 3, "{status}");
+    assert_eq!(
+        status["lastState"]["terminated"]["message"], "last words\n",
+        "{status}"
+    );
     let starts = events_of(&kubelet.records(), &pod)
         .iter()
         .filter(|e| matches!(e, Event::Started { .. }))

@@ -90,6 +90,10 @@ const RECONVERGE: Duration = Duration::from_secs(3);
 /// `heartbeat.interval.ms`, librdkafka's default 3 s (measured: 0.1-3.1 s here).
 const GROUP_ROUND: Duration = Duration::from_secs(3);
 const WINDOW: Duration = Duration::from_secs(1);
+/// A SIGKILLed replica's share is granted again within this of its container being
+/// reported terminated (issue 10's target), measured from the kubelet seeing the exit,
+/// which is before the API server records it.
+const RECLAIM: Duration = Duration::from_secs(2);
 /// The budget bounds *permits*: any 1 s of one replica's permits holds at most its rate
 /// plus its burst. The sink sees *arrivals*, later than the permits by a varying delay,
 /// so a window of arrivals that starts just after a late one holds more permits than
@@ -190,8 +194,14 @@ async fn handle(State(s): State<Arc<Sink>>, body: Bytes) -> StatusCode {
             s.unparsed.fetch_add(1, Ordering::SeqCst);
         }
     }
-    tokio::time::sleep(SINK_LATENCY).await;
-    s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    // The work goes on if the caller goes away (the replica SIGKILLed in step 3b), as a
+    // database query does: it counts as in flight until it ends, not until the server
+    // drops the request.
+    let work = tokio::spawn(async move {
+        tokio::time::sleep(SINK_LATENCY).await;
+        s.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
+    let _ = work.await;
     StatusCode::OK
 }
 
@@ -818,6 +828,9 @@ fn the_story_of_one_budget_on_a_real_control_plane() {
         &bin("pacer"),
     );
     kubelet_config.poll = Duration::from_millis(100);
+    // The killed replica (step 3b) starts again after this: long enough to see its
+    // member gone from the coordinator first, as under a kubelet (10 s back-off).
+    kubelet_config.first_backoff = Duration::from_secs(5);
     let kubelet = Kubelet::start(kubelet_config);
 
     let mut story = Story {
@@ -938,7 +951,10 @@ fn tc_yaml(bootstrap: &str, sink_url: &str) -> String {
         "metadata": {"name": NAME},
         "spec": {
             "replicas": 2,
-            "kafka": {"bootstrapServers": bootstrap, "topics": [TOPIC], "groupId": NAME},
+            // The broker's shortest session (6 s, not 45 s): the replica SIGKILLed in
+            // step 3b leaves the group soon, so its partitions drain in step 6.
+            "kafka": {"bootstrapServers": bootstrap, "topics": [TOPIC], "groupId": NAME,
+                      "config": {"session.timeout.ms": "6000"}},
             "budget": {
                 "messagesPerSecond": BUDGET,
                 "maxInFlight": IN_FLIGHT,
@@ -949,6 +965,101 @@ fn tc_yaml(bootstrap: &str, sink_url: &str) -> String {
         }
     })
     .to_string()
+}
+
+/// Step 3b: SIGKILL one of the 3 replicas; its share must be granted to the others
+/// within [`RECLAIM`] of the kubelet's report, and the restarted container (same pod,
+/// same member) leases again.
+fn reclaim(story: &Story, figures: &mut Figures, token: &str) {
+    let kubelet = &story.kubelet;
+    let pod = kubelet
+        .running_pods()
+        .into_iter()
+        .next()
+        .expect("a running replica");
+    story.mark(&format!("SIGKILL replica {pod}"));
+    let killed = Instant::now();
+    assert!(kubelet.kill(&pod), "no process of {pod} to kill");
+    // The kubelet noticed the exit, then wrote the status: "recorded" is later than this.
+    let exited = wait_for(
+        "the kubelet to see the exit",
+        Duration::from_secs(10),
+        || story.last_event(&pod, killed, |e| matches!(e, Event::Exited { .. })),
+    );
+    let message = wait_for(
+        "the termination message in the Pod's status",
+        Duration::from_secs(10),
+        || {
+            let json = story.kubectl(&["get", "pod", &pod, "-o", "json"]);
+            let p: Value = serde_json::from_str(&json).ok()?;
+            let cs = p["status"]["containerStatuses"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == pacer_operator::build::CONTAINER)?;
+            let ended = cs["state"]["terminated"]["message"]
+                .as_str()
+                .or(cs["lastState"]["terminated"]["message"].as_str())?;
+            Some((ended.trim().to_string(), Instant::now()))
+        },
+    );
+    let reused = wait_for(
+        "the killed run's lease released and its rate granted to the others",
+        Duration::from_secs(10),
+        || {
+            let snap = story.snapshot(token).ok()?;
+            let now = Instant::now();
+            let gone = !snap.members.iter().any(|m| m.member == pod);
+            let others: f64 = (snap.members.iter())
+                .filter(|m| m.member != pod && m.state == MemberState::Live)
+                .map(|m| m.rate)
+                .sum();
+            (gone && others >= 0.99 * BUDGET).then_some(now)
+        },
+    );
+    let back = wait_for(
+        "the restarted container leasing again as the same member",
+        Duration::from_secs(60),
+        || {
+            let snap = story.snapshot(token).ok()?;
+            live(&snap, true).contains(&pod).then(Instant::now)
+        },
+    );
+    let restarts = story
+        .kubectl(&[
+            "get",
+            "pod",
+            &pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ])
+        .trim()
+        .to_string();
+    let times = story.sink.times();
+    let regained = first_window_at_least(&times, killed, (0.9 * BUDGET) as usize);
+    figures.add(format!(
+        "reclaim: SIGKILL of {pod}; kubelet saw the exit {}, the test saw the termination message {:?} in the Pod's status {}, lease released and the others granted the whole {BUDGET} msg/s {} after the kill ({} after the exit was seen, bound {}); without the Pod watch: lease + fallback = 40 s; same member leasing again {} after the kill (restartCount {restarts}); first window >= 0.9 x budget from {}",
+        s(exited - killed),
+        message.0,
+        s(message.1 - killed),
+        s(reused - killed),
+        s(reused.saturating_duration_since(exited)),
+        s(RECLAIM),
+        s(back - killed),
+        regained.map_or("none".into(), |t| story.at(t)),
+    ));
+    figures.check(
+        message
+            .0
+            .starts_with(pacer_budget::protocol::TERMINATION_MESSAGE_PREFIX),
+        format!("the termination message {:?} names no run", message.0),
+    );
+    figures.check(
+        reused.saturating_duration_since(exited) <= RECLAIM,
+        format!(
+            "the killed replica's share was granted again only {} after its exit",
+            s(reused.saturating_duration_since(exited))
+        ),
+    );
 }
 
 fn run(
@@ -1199,6 +1310,11 @@ fn run(
             format!("budget {from} -> {to} followed only after {}", s(follow)),
         );
     }
+
+    // --- 3b. a replica is SIGKILLed: its container is reported terminated, and the
+    // operator gives the killed run's rate share to the others at once, not after its
+    // lease + fallback window (40 s here).
+    reclaim(story, figures, &token);
 
     // --- 4. an invalid budget is refused by the server.
     let out = story.cp.kubectl(&[

@@ -252,6 +252,7 @@ pub fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec) -> RunC
         dead_letter_topic: None,
         shutdown_grace: Duration::from_secs(10),
         admin_addr: None,
+        termination_log: None,
     }
 }
 
