@@ -56,7 +56,8 @@ KUBECTL="$BIN/kubectl"
 log "$("$HELM" version --short), kubectl $("$KUBECTL" version --client -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])')"
 
 # --- 1. helm lint --------------------------------------------------------------
-ALL_ON=(--set serviceMonitor.enabled=true --set networkPolicy.enabled=true --set watchNamespace=shop --set rbac.namespaced=true)
+ALL_ON=(--set serviceMonitor.enabled=true --set networkPolicy.enabled=true --set watchNamespace=shop --set rbac.namespaced=true
+        --set prometheusRule.enabled=true --set dashboard.enabled=true)
 log "helm lint (defaults)"
 "$HELM" lint --strict "$CHART"
 log "helm lint (every optional feature on)"
@@ -70,8 +71,8 @@ mkdir -p "$rendered"
   > "$rendered/default.yaml"
 "$HELM" template pacer "$CHART" --namespace pacer-system "${ALL_ON[@]}" \
   > "$rendered/all-on.yaml"
-# kubernetes-validate knows built-in kinds only; the ServiceMonitor (a
-# prometheus-operator CRD) is checked for its shape below instead.
+# kubernetes-validate knows built-in kinds only; the ServiceMonitor, PodMonitor and
+# PrometheusRule (prometheus-operator CRDs) are checked for their shape below instead.
 "$PY" - "$rendered" <<'PY'
 import pathlib, sys, yaml
 out = pathlib.Path(sys.argv[1])
@@ -79,7 +80,8 @@ for f in sorted(out.glob("*.yaml")):
     docs = [d for d in yaml.safe_load_all(f.read_text()) if d]
     for i, d in enumerate(docs):
         kind = d["kind"]
-        dest = out / ("thirdparty" if kind == "ServiceMonitor" else "builtin")
+        third = kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule")
+        dest = out / ("thirdparty" if third else "builtin")
         dest.mkdir(exist_ok=True)
         (dest / f"{f.stem}-{i:02d}-{kind}.yaml").write_text(yaml.safe_dump(d))
     print(f"    {f.name}: {', '.join(sorted(d['kind'] for d in docs))}")
@@ -88,13 +90,30 @@ log "kubernetes-validate (Kubernetes $K8S_VERSION, strict) on every rendered man
 "${KV[@]}" --quiet --strict -k "$K8S_VERSION" "$rendered"/builtin/*.yaml
 "$PY" - "$rendered" <<'PY'
 import pathlib, sys, yaml
+import json
 for f in sorted((pathlib.Path(sys.argv[1]) / "thirdparty").glob("*.yaml")):
-    sm = yaml.safe_load(f.read_text())
-    assert sm["apiVersion"] == "monitoring.coreos.com/v1", f
-    ep = sm["spec"]["endpoints"]
-    assert ep and all(e["port"] == "admin" and e["path"] == "/metrics" for e in ep), f
-    assert sm["spec"]["selector"]["matchLabels"], f
+    m = yaml.safe_load(f.read_text())
+    assert m["apiVersion"] == "monitoring.coreos.com/v1", f
+    if m["kind"] == "ServiceMonitor":
+        ep = m["spec"]["endpoints"]
+        assert ep and all(e["port"] == "admin" and e["path"] == "/metrics" for e in ep), f
+        assert m["spec"]["selector"]["matchLabels"], f
+    elif m["kind"] == "PodMonitor":
+        ep = m["spec"]["podMetricsEndpoints"]
+        assert ep and all(e["port"] == "admin" and e["path"] == "/metrics" for e in ep), f
+        assert m["spec"]["selector"]["matchExpressions"], f
+    else:
+        rules = [r for g in m["spec"]["groups"] for r in g["rules"]]
+        assert rules and all(r["alert"] and r["expr"] and r["annotations"]["summary"] for r in rules), f
     print(f"    {f.name}: ok")
+# The dashboard is JSON inside a ConfigMap: it must parse, with a query per panel.
+for f in sorted((pathlib.Path(sys.argv[1]) / "builtin").glob("*-ConfigMap.yaml")):
+    cm = yaml.safe_load(f.read_text())
+    for key, text in cm.get("data", {}).items():
+        if key.endswith(".json"):
+            d = json.loads(text)
+            assert d["panels"] and all(p["targets"] for p in d["panels"]), f
+            print(f"    {f.name} {key}: {len(d['panels'])} panels, ok")
 PY
 
 # --- 3. the CRD ------------------------------------------------------------------

@@ -183,7 +183,7 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let coord_task = tokio::spawn(service::serve(coord_listener, coordinator, stopped()));
     let admin_app = admin::router(AdminState {
-        metrics,
+        metrics: metrics.clone(),
         ready: ready.clone(),
     });
     let admin_stop = stopped();
@@ -192,6 +192,8 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .with_graceful_shutdown(admin_stop)
             .await
     });
+    // One replica, so this process leads from the start (see Metrics::leader).
+    metrics.leader.set(1);
     let controller_task = tokio::spawn(controller::run(ctx, watch_namespace, ready, stopped()));
 
     shutdown_signal().await;

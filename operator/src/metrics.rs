@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use pacer_budget::service::BudgetId;
-use pacer_budget::Snapshot;
+use pacer_budget::{MemberState, Snapshot};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -62,6 +62,15 @@ pub struct Metrics {
     pub observed_rate: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
     /// Leases released because the kubelet reported the replica's container terminated.
     pub reclaims: Counter,
+    /// The budget's rate (capacity), for alerts and dashboards to compare with.
+    pub budget_rate: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// Sum of the rates the live members ask for.
+    pub demand_rate: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while the budget's ledger re-learns after a coordinator start.
+    pub learning: Family<BudgetLabels, Gauge>,
+    /// 1 while this process reconciles and serves the lease protocol. Today always, once
+    /// it runs: the operator runs as one replica (leader election is not built yet).
+    pub leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -85,6 +94,30 @@ impl Metrics {
         let granted_in_flight = Family::<BudgetLabels, Gauge>::default();
         let observed_rate = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
         let reclaims = Counter::default();
+        let budget_rate = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let demand_rate = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let learning = Family::<BudgetLabels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this process reconciles and serves the lease protocol",
+            leader.clone(),
+        );
+        registry.register(
+            "budget_rate",
+            "The budget: messages per second for the whole fleet",
+            budget_rate.clone(),
+        );
+        registry.register(
+            "budget_demand_rate",
+            "Sum of the rates live members ask for, messages per second",
+            demand_rate.clone(),
+        );
+        registry.register(
+            "budget_learning",
+            "1 while the budget's ledger re-learns after a coordinator start",
+            learning.clone(),
+        );
         registry.register(
             "reclaims",
             "Leases released at once because the replica's container was reported terminated",
@@ -149,6 +182,10 @@ impl Metrics {
             granted_in_flight,
             observed_rate,
             reclaims,
+            budget_rate,
+            demand_rate,
+            learning,
+            leader,
         }
     }
 
@@ -170,6 +207,13 @@ impl Metrics {
             .get_or_create(&l)
             .set(i64::from(s.granted.in_flight));
         self.observed_rate.get_or_create(&l).set(s.observed_rate);
+        self.budget_rate.get_or_create(&l).set(s.capacity.rate);
+        let demand: f64 = (s.members.iter())
+            .filter(|m| m.state == MemberState::Live)
+            .map(|m| m.demand.rate)
+            .sum();
+        self.demand_rate.get_or_create(&l).set(demand);
+        self.learning.get_or_create(&l).set(i64::from(s.learning));
     }
 
     pub fn forget_budget(&self, id: &BudgetId) {
@@ -178,6 +222,9 @@ impl Metrics {
         self.granted_rate.remove(&l);
         self.granted_in_flight.remove(&l);
         self.observed_rate.remove(&l);
+        self.budget_rate.remove(&l);
+        self.demand_rate.remove(&l);
+        self.learning.remove(&l);
     }
 
     /// The text exposition format.

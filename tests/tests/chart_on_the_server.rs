@@ -35,22 +35,29 @@ const CRD: &str = "throttledconsumers.pacer.dev";
 /// Longest wait for anything the operator or the controllers do.
 const WAIT: Duration = Duration::from_secs(90);
 
-/// prometheus-operator's ServiceMonitor, as little of it as the API server needs to
-/// serve the kind (any spec is kept).
-const SERVICE_MONITOR_CRD: &str = r#"{
-  "apiVersion": "apiextensions.k8s.io/v1",
-  "kind": "CustomResourceDefinition",
-  "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
-  "spec": {
-    "group": "monitoring.coreos.com",
-    "scope": "Namespaced",
-    "names": {"kind": "ServiceMonitor", "listKind": "ServiceMonitorList",
-              "plural": "servicemonitors", "singular": "servicemonitor"},
-    "versions": [{"name": "v1", "served": true, "storage": true,
-                  "schema": {"openAPIV3Schema": {"type": "object",
-                             "x-kubernetes-preserve-unknown-fields": true}}}]
-  }
-}"#;
+/// The prometheus-operator kinds the chart can create.
+const MONITORING_KINDS: [&str; 3] = ["ServiceMonitor", "PodMonitor", "PrometheusRule"];
+
+/// A prometheus-operator CRD (`kind`), as little of it as the API server needs to serve
+/// the kind (any spec is kept).
+fn monitoring_crd(kind: &str) -> String {
+    let plural = format!("{}s", kind.to_lowercase());
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.monitoring.coreos.com")},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "listKind": format!("{kind}List"),
+                      "plural": plural, "singular": kind.to_lowercase()},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object",
+                                     "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    })
+    .to_string()
+}
 
 fn chart() -> String {
     repo_root().join("charts/pacer").display().to_string()
@@ -334,6 +341,111 @@ impl Drop for Operator {
 
 /// The status code of `GET path` on 127.0.0.1:`port` (plain HTTP/1.0), or `None` when
 /// nothing answers.
+/// The body of `GET path` on a loopback port, if it answered 200.
+fn http_body(port: u16, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1)? == "200").then(|| body.to_string())
+}
+
+/// The names a Prometheus text exposition exports: each `# TYPE` family as it appears
+/// in samples (counters with `_total`; histograms with `_bucket`, `_sum`, `_count`).
+fn exported_names(exposition: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in exposition.lines() {
+        let mut words = line.split_whitespace();
+        if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// The metric names (`pacer_...`) a PromQL expression reads (not inside quotes: label
+/// values and label_replace's arguments).
+fn metrics_named(expr: &str) -> BTreeSet<String> {
+    let unquoted: String = expr
+        .split('"')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 0 { part } else { " " })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut names = BTreeSet::new();
+    let mut rest = unquoted.as_str();
+    while let Some(at) = rest.find("pacer_") {
+        let preceded = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        if !preceded {
+            names.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// A `pacer run` child with its admin server on `admin` (its Kafka and sink unreachable:
+/// the metrics are registered at start), killed and reaped on drop.
+struct Replica {
+    child: Child,
+    admin: u16,
+}
+
+impl Replica {
+    fn start() -> Replica {
+        let admin = free_port();
+        let child = Command::new(operator_bin().with_file_name("pacer"))
+            .args([
+                "run",
+                "--bootstrap-servers=127.0.0.1:9",
+                "--topic=metrics",
+                "--group-id=metrics",
+                "--sink=http://127.0.0.1:9/",
+                "--rate=10",
+                &format!("--admin-addr=127.0.0.1:{admin}"),
+            ])
+            .env("PACER_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn pacer run");
+        Replica { child, admin }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn http_status(port: u16, path: &str) -> Option<u16> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -585,11 +697,15 @@ fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
         &watch_set,
         "--set",
         "rbac.namespaced=true",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "dashboard.enabled=true",
     ];
     install.extend_from_slice(&all_on);
 
-    // Without prometheus-operator the ServiceMonitor kind does not exist: the install
-    // fails, saying so, and leaves nothing behind.
+    // Without prometheus-operator its kinds do not exist: the install fails, saying so,
+    // and leaves nothing behind.
     let refused = cp.helm(&install);
     let err = text(&refused.stderr);
     assert!(
@@ -597,10 +713,11 @@ fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
         "installed a ServiceMonitor with no such kind"
     );
     assert!(
-        err.contains("ServiceMonitor") && err.contains("monitoring.coreos.com/v1"),
+        MONITORING_KINDS.iter().any(|k| err.contains(k))
+            && err.contains("monitoring.coreos.com/v1"),
         "{err}"
     );
-    println!("without the ServiceMonitor CRD: {}", err.trim());
+    println!("without prometheus-operator's CRDs: {}", err.trim());
     assert_eq!(
         cp.kubectl_ok(&[
             "get",
@@ -619,9 +736,14 @@ fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
     assert!(!exists(&cp, &["deployment", FULLNAME, "-n", &ns]));
     assert!(!exists(&cp, &["role", FULLNAME, "-n", &watched]));
 
-    let out = cp.kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    await_established(&cp, "servicemonitors.monitoring.coreos.com");
+    for kind in MONITORING_KINDS {
+        let out = cp.kubectl_stdin(&["apply", "-f", "-"], &monitoring_crd(kind));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        await_established(
+            &cp,
+            &format!("{}s.monitoring.coreos.com", kind.to_lowercase()),
+        );
+    }
     let t = Instant::now();
     cp.helm_ok(&install);
     println!("helm install (every option on): {:?}", t.elapsed());
@@ -640,6 +762,31 @@ fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
     .expect("ServiceMonitor");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "admin");
     assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+    let pm = get(
+        &cp,
+        &[
+            "podmonitors.monitoring.coreos.com",
+            &format!("{FULLNAME}-replicas"),
+            "-n",
+            &ns,
+        ],
+    )
+    .expect("PodMonitor of the replicas");
+    assert_eq!(
+        pm["spec"]["namespaceSelector"]["matchNames"],
+        json!([watched])
+    );
+    let rule = get(
+        &cp,
+        &["prometheusrules.monitoring.coreos.com", FULLNAME, "-n", &ns],
+    )
+    .expect("PrometheusRule");
+    let dashboard = get(
+        &cp,
+        &["configmap", &format!("{FULLNAME}-dashboard"), "-n", &ns],
+    )
+    .expect("dashboard ConfigMap");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
     let env = operator_env(&cp, &ns);
     assert_eq!(env["PACER_OPERATOR_WATCH_NAMESPACE"], watched);
 
@@ -695,6 +842,65 @@ fn every_option_on_and_a_service_monitor_needs_prometheus_operators_crd() {
     });
     let status = get(&cp, &["tc", "bad-template", "-n", &watched]).unwrap();
     assert_eq!(condition(&status, "InvalidSpec").unwrap()["status"], "True");
+
+    // Every metric an alert or a dashboard panel reads exists on the real binaries: this
+    // operator's /metrics and a `pacer run`'s.
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for group in rule["spec"]["groups"].as_array().expect("rule groups") {
+        for r in group["rules"].as_array().expect("rules") {
+            queries.push((
+                format!("alert {}", r["alert"].as_str().unwrap_or("?")),
+                r["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    let board: Value = serde_json::from_str(
+        dashboard["data"]["pacer.json"]
+            .as_str()
+            .expect("pacer.json in the ConfigMap"),
+    )
+    .expect("the dashboard is JSON");
+    for panel in board["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().expect("targets") {
+            queries.push((
+                format!("panel {:?}", panel["title"].as_str().unwrap_or("?")),
+                t["expr"].as_str().expect("expr").to_string(),
+            ));
+        }
+    }
+    let replica = Replica::start();
+    let replica_metrics = wait_for(
+        "the replica's /metrics",
+        WAIT,
+        || http_body(replica.admin, "/metrics"),
+        String::new,
+    );
+    let operator_metrics = http_body(op.admin, "/metrics").expect("the operator's /metrics");
+    let mut exported = exported_names(&replica_metrics);
+    exported.extend(exported_names(&operator_metrics));
+    let mut named = 0;
+    let missing: Vec<String> = queries
+        .iter()
+        .flat_map(|(what, expr)| {
+            let names = metrics_named(expr);
+            named += names.len();
+            names
+                .into_iter()
+                .filter(|n| !exported.contains(n))
+                .map(move |n| format!("{what}: {n}"))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics named in the chart's alerts or dashboard that neither binary exports:\n{}",
+        missing.join("\n")
+    );
+    assert!(named > 0 && queries.len() > 10, "{queries:?}");
+    println!(
+        "{} alert and panel queries name {named} metrics, all exported ({} names exported)",
+        queries.len(),
+        exported.len()
+    );
     let other = get(&cp, &["tc", "audit-export", "-n", &elsewhere]).unwrap();
     assert!(other.get("status").is_none(), "{other}");
     assert!(!exists(
@@ -1046,4 +1252,24 @@ fn a_timestamp_with_403_in_it_is_not_a_refusal() {
     assert!(refused_by_rbac(
         "2026-12-02T13:44:29.1Z  WARN deployments is forbidden: User ..."
     ));
+}
+
+#[test]
+fn metric_names_are_read_from_queries_and_expositions() {
+    let q = r#"sum(rate(pacer_messages_total{result="pacer_x"}[1m])) / mypacer_y and on(name) label_replace(pacer_operator_budget_rate, "name", "$1", "pacer_z", "(.+)")"#;
+    assert_eq!(
+        metrics_named(q).into_iter().collect::<Vec<_>>(),
+        ["pacer_messages_total", "pacer_operator_budget_rate"]
+    );
+    let exposition = "# HELP pacer_messages Messages.\n# TYPE pacer_messages counter\npacer_messages_total{outcome=\"ok\"} 1\n# TYPE pacer_sink_latency_seconds histogram\n# TYPE pacer_fallback gauge\n";
+    let names = exported_names(exposition);
+    for n in [
+        "pacer_messages_total",
+        "pacer_sink_latency_seconds_bucket",
+        "pacer_sink_latency_seconds_count",
+        "pacer_fallback",
+    ] {
+        assert!(names.contains(n), "{n} in {names:?}");
+    }
+    assert!(!names.contains("pacer_messages"));
 }
