@@ -13,6 +13,10 @@
 //!   each permission the chart grants must show up there (or be on a short list that
 //!   says why it cannot), so a permission the code stopped using is noticed.
 //!
+//! - Every Pod the chart or the operator makes (the operator's, the replicas of every
+//!   example) is admitted by the real PodSecurity admission under
+//!   `enforce=restricted`.
+//!
 //! Every wait is a bounded poll on something observable; the operator runs under a
 //! shell that kills it when this process goes away, however it ends.
 
@@ -1272,4 +1276,101 @@ fn metric_names_are_read_from_queries_and_expositions() {
         assert!(names.contains(n), "{n} in {names:?}");
     }
     assert!(!names.contains("pacer_messages"));
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Pod Security: every pod the chart or the operator makes runs under `restricted`.
+
+/// The Pod a Deployment's template makes (as its ReplicaSet would create it).
+fn pod_of(deployment: &Value, name: &str) -> Value {
+    let t = &deployment["spec"]["template"];
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": t["metadata"]["labels"]},
+        "spec": t["spec"],
+    })
+}
+
+/// The Deployments in a multi-document YAML stream.
+fn deployments_in(yaml_text: &str) -> Vec<Value> {
+    yaml_text
+        .split("\n---")
+        .filter_map(|doc| serde_yaml::from_str::<Value>(doc).ok())
+        .filter(|v| v["kind"] == "Deployment")
+        .collect()
+}
+
+#[test]
+fn every_pod_the_chart_and_the_operator_build_meets_the_restricted_pod_security_standard() {
+    let cp = ControlPlane::start();
+    let ns = cp.namespace("restricted");
+    // Enforced: the API server refuses a Pod that breaks the profile, naming the rule.
+    cp.kubectl_ok(&[
+        "label",
+        "namespace",
+        &ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    ]);
+    cp.await_default_service_account(&ns);
+    cp.kubectl_ok(&["create", "serviceaccount", FULLNAME, "-n", &ns]);
+
+    let chart = chart();
+    let mut pods: Vec<(String, Value)> = Vec::new();
+    // The operator, as the chart deploys it with the defaults and with every option on.
+    for values in [
+        vec![],
+        vec![
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "serviceMonitor.enabled=true",
+        ],
+    ] {
+        let mut args = vec!["template", RELEASE, chart.as_str(), "-n", &ns];
+        args.extend(values);
+        let rendered = cp.helm_ok(&args);
+        for d in deployments_in(&rendered) {
+            pods.push((
+                format!("chart {:?}", args[5..].join(" ")),
+                pod_of(&d, "operator"),
+            ));
+        }
+    }
+    // The replicas the operator builds for every example.
+    for entry in std::fs::read_dir(repo_root().join("crds/examples")).expect("crds/examples") {
+        let path = entry.expect("example").path();
+        let out = Command::new(operator_bin())
+            .arg("render")
+            .arg(&path)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("pacer-operator render");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            text(&out.stderr)
+        );
+        for d in deployments_in(&text(&out.stdout)) {
+            pods.push((path.display().to_string(), pod_of(&d, "replica")));
+        }
+    }
+    assert!(pods.len() >= 7, "{} pods", pods.len());
+    for (from, pod) in &pods {
+        let out = cp.kubectl_stdin(
+            &["create", "--dry-run=server", "-n", &ns, "-f", "-"],
+            &pod.to_string(),
+        );
+        let err = text(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("PodSecurity"),
+            "the pod of {from} breaks the restricted Pod Security Standard: {err}"
+        );
+    }
+    println!(
+        "{} pods (the chart's operator, the replicas of every example) admitted under enforce=restricted",
+        pods.len()
+    );
 }
