@@ -106,6 +106,13 @@ for f in sorted((pathlib.Path(sys.argv[1]) / "thirdparty").glob("*.yaml")):
         rules = [r for g in m["spec"]["groups"] for r in g["rules"]]
         assert rules and all(r["alert"] and r["expr"] and r["annotations"]["summary"] for r in rules), f
     print(f"    {f.name}: ok")
+# No wildcard in any rule the chart grants (verbs, resources, API groups).
+for f in sorted((pathlib.Path(sys.argv[1]) / "builtin").glob("*-*Role.yaml")):
+    role = yaml.safe_load(f.read_text())
+    for rule in role.get("rules", []):
+        for field in ("verbs", "resources", "apiGroups", "resourceNames"):
+            assert "*" not in rule.get(field, []), f"{f.name}: wildcard in {field}: {rule}"
+    print(f"    {f.name}: no wildcard")
 # The dashboard is JSON inside a ConfigMap: it must parse, with a query per panel.
 for f in sorted((pathlib.Path(sys.argv[1]) / "builtin").glob("*-ConfigMap.yaml")):
     cm = yaml.safe_load(f.read_text())
