@@ -45,6 +45,7 @@ pub mod crd;
 pub mod events;
 #[cfg(test)]
 mod fixtures;
+pub mod leader;
 pub mod metrics;
 pub mod reclaim;
 pub mod reconcile;

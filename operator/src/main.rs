@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pacer_budget::service::{self, Coordinator};
 use pacer_operator::admin::{self, AdminState};
 use pacer_operator::build::BuildSettings;
+use pacer_operator::leader::{Election, Gate, Timing};
 use pacer_operator::metrics::Metrics;
 use pacer_operator::reconcile::Context;
 use pacer_operator::{controller, crd};
@@ -88,6 +89,33 @@ struct RunConfig {
     /// Log format.
     #[arg(long, env = "PACER_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Elect a leader with a coordination.k8s.io/v1 Lease, so several operator replicas
+    /// can run: only the leader reconciles and serves the lease protocol; a standby is
+    /// not Ready and answers lease requests 503 with Retry-After (src/leader.rs).
+    #[arg(long, env = "PACER_OPERATOR_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the leader Lease (the chart sets the operator's own).
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_LEADER_ELECTION_NAMESPACE",
+        default_value = "default"
+    )]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_LEADER_ELECTION_LEASE",
+        default_value = "pacer-operator"
+    )]
+    leader_election_lease: String,
+    /// This process's identity in the Lease (the chart sets the Pod's name); a random
+    /// suffix keeps a restarted process distinct.
+    #[arg(
+        long,
+        env = "PACER_OPERATOR_IDENTITY",
+        default_value = "pacer-operator"
+    )]
+    identity: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,6 +161,10 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         watch_namespace,
         resync_seconds,
         log_format,
+        leader_election,
+        leader_election_namespace,
+        leader_election_lease,
+        identity,
     } = cfg;
     init_tracing(log_format);
     // The replicas receive this as `--coordinator`, checked by the same rule.
@@ -149,20 +181,8 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-    let coordinator = Coordinator::new();
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    let ctx = Arc::new(Context::new(
-        client,
-        coordinator.clone(),
-        metrics.clone(),
-        BuildSettings {
-            image: replica_image,
-            coordinator_url,
-        },
-        Arc::new(k8s_openapi::chrono::Utc::now),
-        Duration::from_secs(resync_seconds),
-    ));
 
     // One shutdown signal for all three servers.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -181,7 +201,15 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin server to {admin_addr}"))?;
     info!(%coordinator_addr, %admin_addr, "Listening");
 
-    let coord_task = tokio::spawn(service::serve(coord_listener, coordinator, stopped()));
+    // The coordinator's routes are served only while this process leads.
+    let gate = Gate::default();
+    let coord_app = gate.router();
+    let coord_stop = stopped();
+    let coord_task = tokio::spawn(async move {
+        axum::serve(coord_listener, coord_app)
+            .with_graceful_shutdown(coord_stop)
+            .await
+    });
     let admin_app = admin::router(AdminState {
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -192,14 +220,78 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .with_graceful_shutdown(admin_stop)
             .await
     });
-    // One replica, so this process leads from the start (see Metrics::leader).
-    metrics.leader.set(1);
-    let controller_task = tokio::spawn(controller::run(ctx, watch_namespace, ready, stopped()));
 
-    shutdown_signal().await;
+    let mut election = if leader_election {
+        let timing = Timing::DEFAULT;
+        timing.validate().map_err(anyhow::Error::msg)?;
+        let api = kube::Api::namespaced(client.clone(), &leader_election_namespace);
+        let me = format!("{identity}-{:08x}", rand::random::<u32>());
+        let mut election = Election::new(api, &leader_election_lease, &me, timing);
+        tokio::select! {
+            () = election.acquire() => {}
+            () = shutdown_signal() => {
+                info!("Shutting down while standing by");
+                let _ = stop_tx.send(true);
+                coord_task.await.context("coordinator task")??;
+                admin_task.await.context("admin task")??;
+                return Ok(());
+            }
+        }
+        Some(election)
+    } else {
+        None
+    };
+
+    // Leading (or alone). The coordinator is created now, so a new leader's ledgers
+    // start in learning mode: replicas keep what the old leader granted until they
+    // report it.
+    let coordinator = Coordinator::new();
+    gate.open(service::router(coordinator.clone()));
+    metrics.leader.set(1);
+    let ctx = Arc::new(Context::new(
+        client,
+        coordinator,
+        metrics.clone(),
+        BuildSettings {
+            image: replica_image,
+            coordinator_url,
+        },
+        Arc::new(k8s_openapi::chrono::Utc::now),
+        Duration::from_secs(resync_seconds),
+    ));
+    let controller_task = tokio::spawn(controller::run(
+        ctx,
+        watch_namespace,
+        ready.clone(),
+        stopped(),
+    ));
+
+    let lost = match election.as_mut() {
+        Some(e) => tokio::select! {
+            ended = e.keep() => Some(ended),
+            () = shutdown_signal() => None,
+        },
+        None => {
+            shutdown_signal().await;
+            None
+        }
+    };
+    if let Some(ended) = lost {
+        // Stop granting and reconciling at once, then exit: a standby may take over
+        // once the Lease has gone unrenewed for its duration.
+        gate.close();
+        ready.store(false, std::sync::atomic::Ordering::Release);
+        metrics.leader.set(0);
+        let _ = stop_tx.send(true);
+        let _ = controller_task.await;
+        bail!("lost the leader Lease ({ended:?}): exiting so this process restarts as a standby");
+    }
     info!("Shutting down");
     let _ = stop_tx.send(true);
     controller_task.await.context("controller task")?;
+    if let Some(e) = election.as_mut() {
+        e.release().await;
+    }
     coord_task.await.context("coordinator task")??;
     admin_task.await.context("admin task")??;
     Ok(())

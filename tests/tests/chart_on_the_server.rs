@@ -205,8 +205,35 @@ struct Operator {
     coordinator: u16,
 }
 
+/// The flags that make an operator take part in the chart's leader election (as the
+/// chart's environment does), as `identity`.
+fn election_args(release_ns: &str, identity: &str) -> Vec<String> {
+    vec![
+        "--leader-election".into(),
+        format!("--leader-election-namespace={release_ns}"),
+        format!("--leader-election-lease={FULLNAME}"),
+        format!("--identity={identity}"),
+    ]
+}
+
+/// The holder of the chart's leader Lease, and its transitions.
+fn lease_holder(cp: &ControlPlane, ns: &str) -> Option<(String, i64)> {
+    let l = get(cp, &["lease", FULLNAME, "-n", ns])?;
+    Some((
+        l["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        l["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+    ))
+}
+
 impl Operator {
     fn start(kubeconfig: &Path, watch_namespace: Option<&str>) -> Operator {
+        Operator::start_with(kubeconfig, watch_namespace, &[])
+    }
+
+    fn start_with(kubeconfig: &Path, watch_namespace: Option<&str>, extra: &[String]) -> Operator {
         let (coordinator, admin) = (free_port(), free_port());
         let log = kubeconfig.with_extension(format!("operator-{admin}.log"));
         let mut argv: Vec<String> = vec![
@@ -223,6 +250,7 @@ impl Operator {
         if let Some(ns) = watch_namespace {
             argv.push(format!("--watch-namespace={ns}"));
         }
+        argv.extend(extra.iter().cloned());
         let script = r#"
             "$@" </dev/null >>"$PACER_OPERATOR_LOG" 2>&1 &
             p=$!
@@ -280,6 +308,29 @@ impl Operator {
                 tail(&log, 40)
             );
         }
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`) to the operator process.
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the operator's pid");
+        let _ = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status();
+    }
+
+    /// Waits until the operator process has exited (after [`Operator::signal`]).
+    fn await_exit(&self) {
+        let pid = self.pid().expect("the operator's pid");
+        wait_for(
+            "the operator to exit",
+            WAIT,
+            || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rsplit(')').next().unwrap_or_default().trim_start();
+                (state.is_empty() || state.starts_with('Z')).then_some(())
+            },
+            || tail(&self.log(), 20),
+        );
     }
 
     /// The operator's process id, once the shell has started it.
@@ -940,7 +991,8 @@ fn the_operator_as_the_charts_service_account_reconciles_tells_and_is_cleaned_up
     );
 
     let kubeconfig = cp.kubeconfig_for_service_account(&ns, FULLNAME);
-    let mut op = Operator::start(&kubeconfig, None);
+    // As the chart runs it: leading through the chart's Lease.
+    let mut op = Operator::start_with(&kubeconfig, None, &election_args(&ns, "op"));
     op.await_ready();
 
     // One replica, short leases (an expired lease shows within seconds), with a PDB.
@@ -1199,7 +1251,11 @@ fn the_operator_as_the_charts_service_account_reconciles_tells_and_is_cleaned_up
 
     // RBAC: every grant used, or on the short list of grants the audit cannot show.
     let role = get(&cp, &["clusterrole", FULLNAME]).unwrap();
-    let grants = granted(&role);
+    let mut grants = granted(&role);
+    let election_role = format!("{FULLNAME}-leader-election");
+    grants.extend(granted(
+        &get(&cp, &["role", &election_role, "-n", &ns]).expect("the leader-election Role"),
+    ));
     let used = used_by(&cp, &user);
     println!("requests of {user} (apiGroup, resource, verb) -> response codes:");
     for (k, codes) in &used {
@@ -1373,4 +1429,111 @@ fn every_pod_the_chart_and_the_operator_build_meets_the_restricted_pod_security_
         "{} pods (the chart's operator, the replicas of every example) admitted under enforce=restricted",
         pods.len()
     );
+}
+
+// ---------------------------------------------------------------------------------
+// 5. Leader election: a leader and standbys, as the chart runs them (replicaCount 2).
+
+/// `POST` to a coordinator port: (status, the Retry-After header).
+fn post_lease(port: u16) -> Option<(u16, Option<String>)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let body = r#"{"member":"m-1","demand":{"rate":1.0,"inFlight":1}}"#;
+    write!(
+        s,
+        "POST /v1/budgets/shop/x/leases HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let retry_after = buf.lines().find_map(|l| {
+        l.to_lowercase()
+            .strip_prefix("retry-after:")
+            .map(|v| v.trim().to_string())
+    });
+    Some((status, retry_after))
+}
+
+#[test]
+fn one_operator_leads_a_standby_takes_over_when_it_dies_and_at_once_when_it_stops() {
+    let cp = ControlPlane::start();
+    let ns = cp.namespace("pacer-system");
+    cp.helm_ok(&["install", RELEASE, &chart(), "-n", &ns]);
+    await_established(&cp, CRD);
+    let kubeconfig = cp.kubeconfig_for_service_account(&ns, FULLNAME);
+
+    let mut a = Operator::start_with(&kubeconfig, None, &election_args(&ns, "a"));
+    a.await_ready();
+    let mut b = Operator::start_with(&kubeconfig, None, &election_args(&ns, "b"));
+    let b_log = b.log.clone();
+    b.wait("b standing by", || {
+        log_says(&b_log, "Standing by").then_some(())
+    });
+    // The standby: alive, not Ready (the Service sends replicas to the leader), and its
+    // coordinator refuses lease requests with 503 and Retry-After.
+    assert_eq!(http_status(b.admin, "/livez"), Some(200));
+    assert_eq!(http_status(b.admin, "/readyz"), Some(503));
+    assert_eq!(
+        post_lease(b.coordinator),
+        Some((503, Some("1".to_string()))),
+        "the standby's coordinator"
+    );
+    assert_ne!(
+        post_lease(a.coordinator).map(|r| r.0),
+        Some(503),
+        "the leader's"
+    );
+    let (holder, transitions) = lease_holder(&cp, &ns).expect("the leader Lease");
+    assert!(holder.starts_with("a-"), "{holder}");
+    assert_eq!(transitions, 0);
+
+    // The leader dies: the standby leads once the Lease has gone unrenewed for its
+    // duration (15 s) as it observed it, so between 15 s less one renewal interval (2 s)
+    // and 15 s plus one attempt interval (2 s) after the kill, plus API latency.
+    let killed = Instant::now();
+    a.signal("KILL");
+    a.await_exit();
+    b.await_ready();
+    let took = killed.elapsed();
+    let (holder, transitions) = lease_holder(&cp, &ns).expect("the leader Lease");
+    assert!(holder.starts_with("b-"), "{holder}");
+    assert_eq!(transitions, 1);
+    println!("SIGKILL of the leader: the standby led {took:?} after it (Lease duration 15 s)");
+    assert!(
+        took >= Duration::from_secs(13) && took <= Duration::from_secs(18),
+        "the standby led {took:?} after the leader's death"
+    );
+    assert_ne!(post_lease(b.coordinator).map(|r| r.0), Some(503));
+
+    // A clean stop releases the Lease: a standby leads at its next attempt.
+    let mut c = Operator::start_with(&kubeconfig, None, &election_args(&ns, "c"));
+    let c_log = c.log.clone();
+    c.wait("c standing by", || {
+        log_says(&c_log, "Standing by").then_some(())
+    });
+    let stopped = Instant::now();
+    b.signal("TERM");
+    b.await_exit();
+    assert!(
+        b.log().contains("Released the leader Lease"),
+        "{}",
+        tail(&b.log(), 20)
+    );
+    c.await_ready();
+    let took = stopped.elapsed();
+    println!("SIGTERM of the leader: the standby led {took:?} after it");
+    assert!(
+        took <= Duration::from_secs(5),
+        "the standby led {took:?} after a clean stop"
+    );
+    let (holder, transitions) = lease_holder(&cp, &ns).expect("the leader Lease");
+    assert!(holder.starts_with("c-"), "{holder}");
+    assert_eq!(transitions, 2);
+    c.assert_healthy();
+}
+
+fn log_says(log: &Path, text: &str) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|l| l.contains(text))
 }

@@ -90,6 +90,9 @@ const RECONVERGE: Duration = Duration::from_secs(3);
 /// `heartbeat.interval.ms`, librdkafka's default 3 s (measured: 0.1-3.1 s here).
 const GROUP_ROUND: Duration = Duration::from_secs(3);
 const WINDOW: Duration = Duration::from_secs(1);
+/// A standby leads within the leader Lease's duration (15 s, operator/src/leader.rs) of
+/// its last renewal, plus one attempt interval (2 s) and API latency.
+const FAILOVER: Duration = Duration::from_secs(18);
 /// A SIGKILLed replica's share is granted again within this of its container being
 /// reported terminated (issue 10's target), measured from the kubelet seeing the exit,
 /// which is before the API server records it.
@@ -461,6 +464,67 @@ impl Drop for Operator {
     }
 }
 
+/// The chart's Service in front of the operator pods: each connection to `port` goes to
+/// the coordinator port of an operator whose `/readyz` answers 200 (the Service's
+/// endpoints are its Ready pods; only the leader is Ready), and is closed at once when
+/// none is (no endpoints). Checked per connection, so it follows a failover at once,
+/// where a kubelet's readiness probe adds up to one period (2 s in the chart).
+struct Service {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Service {
+    /// `backends`: (admin port, coordinator port) of each operator.
+    fn start(backends: Vec<(u16, u16)>) -> Service {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the Service");
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = conn else { continue };
+                let ready = backends
+                    .iter()
+                    .find(|(admin, _)| matches!(http_get(*admin, "/readyz", None), Some((200, _))));
+                let Some(&(_, coord)) = ready else { continue };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", coord)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Service {
+            port,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------
 
 /// Polls `f` every 50 ms until it gives a value; panics after `timeout`.
@@ -512,11 +576,12 @@ fn per_second(story: &Story) -> String {
 /// Fields drop in order: the replicas and the operator before the control plane.
 struct Story {
     kubelet: Kubelet,
-    operator: Operator,
+    /// Two operator processes, as the chart runs them (replicaCount 2): one leads.
+    operators: [Operator; 2],
+    service: Service,
     cp: ControlPlane,
     ns: String,
     sink: Arc<Sink>,
-    coord_port: u16,
     operator_started: Instant,
     began: Instant,
 }
@@ -573,7 +638,7 @@ impl Story {
     }
 
     fn snapshot(&self, token: &str) -> Result<Snapshot, u16> {
-        snapshot(self.coord_port, &self.ns, token)
+        snapshot(self.service.port, &self.ns, token)
     }
 
     fn deployment_ready(&self) -> i64 {
@@ -733,45 +798,18 @@ fn the_story_of_one_budget_on_a_real_control_plane() {
         .as_str()
         .expect("the chart's ServiceAccount")
         .to_string();
-    let (coord_port, admin_port) = (
-        pacer_tests::apache::free_port(),
-        pacer_tests::apache::free_port(),
-    );
-    let overrides = BTreeMap::from([
-        (
-            "PACER_OPERATOR_COORDINATOR_ADDR",
-            format!("127.0.0.1:{coord_port}"),
-        ),
-        (
-            "PACER_OPERATOR_ADMIN_ADDR",
-            format!("127.0.0.1:{admin_port}"),
-        ),
-        (
-            "PACER_OPERATOR_COORDINATOR_URL",
-            format!("http://127.0.0.1:{coord_port}"),
-        ),
-    ]);
-    let mut env: Vec<(String, String)> = container["env"]
-        .as_array()
-        .expect("the chart's operator env")
-        .iter()
-        .map(|e| {
-            let name = e["name"].as_str().unwrap().to_string();
-            let value = overrides
-                .get(name.as_str())
-                .cloned()
-                .unwrap_or_else(|| e["value"].as_str().unwrap_or_default().to_string());
-            (name, value)
+    // Two operators (the chart's replicaCount), each on its own loopback ports, behind a
+    // stand-in for the chart's Service that the replicas reach.
+    let ports: Vec<(u16, u16)> = (0..2)
+        .map(|_| {
+            (
+                pacer_tests::apache::free_port(),
+                pacer_tests::apache::free_port(),
+            )
         })
         .collect();
-    for (k, v) in &overrides {
-        assert!(
-            env.iter().any(|(n, _)| n == k),
-            "the chart no longer sets {k}: {v}"
-        );
-    }
+    let service = Service::start(ports.clone());
     let sa_kubeconfig = cp.kubeconfig_for_service_account("pacer-system", &sa);
-    env.push(("KUBECONFIG".into(), sa_kubeconfig.display().to_string()));
     let args: Vec<String> = container["args"]
         .as_array()
         .expect("the chart's operator args")
@@ -780,18 +818,75 @@ fn the_story_of_one_budget_on_a_real_control_plane() {
         .collect();
     let log_dir = std::env::temp_dir().join(format!("pacer-story-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir).unwrap();
-    let mut operator = Operator {
-        env,
-        args,
-        log: log_dir.join("operator.log"),
-        admin_port,
-        child: None,
-        watchdog: Watchdog::start(),
-        starts: 0,
+    let operator = |i: usize| {
+        let (admin_port, coord_port) = ports[i];
+        let pod = format!("pacer-5d8f7c9b4-op{i}");
+        let overrides = BTreeMap::from([
+            (
+                "PACER_OPERATOR_COORDINATOR_ADDR",
+                format!("127.0.0.1:{coord_port}"),
+            ),
+            (
+                "PACER_OPERATOR_ADMIN_ADDR",
+                format!("127.0.0.1:{admin_port}"),
+            ),
+            (
+                "PACER_OPERATOR_COORDINATOR_URL",
+                format!("http://127.0.0.1:{}", service.port),
+            ),
+        ]);
+        let mut env: Vec<(String, String)> = container["env"]
+            .as_array()
+            .expect("the chart's operator env")
+            .iter()
+            .map(|e| {
+                let name = e["name"].as_str().unwrap().to_string();
+                // The downward API, as the kubelet resolves it.
+                let field = e["valueFrom"]["fieldRef"]["fieldPath"].as_str();
+                let value = match (overrides.get(name.as_str()), field) {
+                    (Some(v), _) => v.clone(),
+                    (None, Some("metadata.namespace")) => "pacer-system".into(),
+                    (None, Some("metadata.name")) => pod.clone(),
+                    (None, Some(other)) => panic!("{name}: fieldRef {other} not resolved here"),
+                    (None, None) => e["value"].as_str().unwrap_or_default().to_string(),
+                };
+                (name, value)
+            })
+            .collect();
+        for (k, v) in &overrides {
+            assert!(
+                env.iter().any(|(n, _)| n == k),
+                "the chart no longer sets {k}: {v}"
+            );
+        }
+        assert!(
+            env.iter()
+                .any(|(n, v)| n == "PACER_OPERATOR_LEADER_ELECTION" && v == "true"),
+            "the chart runs its operators without leader election"
+        );
+        env.push(("KUBECONFIG".into(), sa_kubeconfig.display().to_string()));
+        Operator {
+            env,
+            args: args.clone(),
+            log: log_dir.join(format!("operator-{i}.log")),
+            admin_port,
+            child: None,
+            watchdog: Watchdog::start(),
+            starts: 0,
+        }
     };
-    operator.start();
+    let mut operators = [operator(0), operator(1)];
+    operators[0].start();
     let operator_started = Instant::now();
-    operator.await_ready();
+    operators[0].await_ready();
+    // The second stands by: not Ready while the first holds the Lease.
+    operators[1].start();
+    wait_for(
+        "the second operator standing by",
+        Duration::from_secs(30),
+        || operators[1].log().contains("Standing by").then_some(()),
+    );
+    assert!(!operators[1].ready(), "two operators Ready at once");
 
     // --- Kafka with a backlog, the sink, the namespace, the kubelet.
     let kafka = Kafka::start(Broker::Apache);
@@ -838,8 +933,8 @@ fn the_story_of_one_budget_on_a_real_control_plane() {
         ns,
         sink,
         kubelet,
-        operator,
-        coord_port,
+        operators,
+        service,
         operator_started,
         began,
     };
@@ -872,7 +967,9 @@ fn the_story_of_one_budget_on_a_real_control_plane() {
     let full = std::env::var_os("PACER_STORY_LOGS").is_some();
     if result.is_err() || !figures.broken.is_empty() || full {
         let lines = if full { usize::MAX } else { 40 };
-        eprintln!("--- operator log:\n{}", tail(&story.operator.log(), lines));
+        for (i, op) in story.operators.iter().enumerate() {
+            eprintln!("--- operator {i} log:\n{}", tail(&op.log(), lines));
+        }
         let pods: BTreeSet<String> = story.kubelet.records().into_iter().map(|r| r.pod).collect();
         for pod in pods {
             eprintln!(
@@ -1338,12 +1435,19 @@ fn run(
     assert_eq!(spec.trim().parse::<f64>().ok(), Some(BUDGET), "{spec}");
     figures.add(format!("messagesPerSecond: 0 refused: {}", err.trim()));
 
-    // --- 5. the operator is killed and started again: the fleet goes on, within budget.
-    story.mark("SIGKILL the operator, start it again");
+    // --- 5. the leading operator is SIGKILLed with a standby running: the standby leads
+    // within the Lease's duration, the fleet goes on within budget on its leases and
+    // fallback shares meanwhile, and no replica restarts.
+    let leader = (0..2)
+        .find(|&i| story.operators[i].ready())
+        .expect("a Ready (leading) operator");
+    let standby = 1 - leader;
+    story.mark(&format!(
+        "SIGKILL the leading operator {leader}; operator {standby} stands by"
+    ));
     let killed = Instant::now();
-    story.operator.kill();
-    story.operator.start();
-    story.operator.await_ready();
+    story.operators[leader].kill();
+    story.operators[standby].await_ready();
     let ready = killed.elapsed();
     let (learning, registered) = wait_for(
         "the budget registered again with 3 live members",
@@ -1365,17 +1469,40 @@ fn run(
     let times = sink.times();
     let (hi, lo) = extremes(&times, killed, Instant::now());
     let (strict, bound) = window_bounds(BUDGET, 3);
+    let restarted: Vec<String> = story
+        .kubelet
+        .records()
+        .into_iter()
+        .filter(|r| r.at >= killed && matches!(r.event, Event::Started { .. }))
+        .map(|r| r.pod)
+        .collect();
     figures.add(format!(
-        "operator restart: Ready again {} after SIGKILL, budget and 3 members back {} after (learning: {learning}); windows from the kill on: {lo}..{hi} (strict bound {strict}, checked {bound})",
-        s(ready), s(registered)
+        "failover: the standby led and was Ready {} after the leader's SIGKILL (Lease 15 s; bound {}), budget and 3 members back {} after (learning: {learning}); windows from the kill on: {lo}..{hi} (strict bound {strict}, checked {bound}); replicas restarted meanwhile: {restarted:?}",
+        s(ready), s(FAILOVER), s(registered)
     ));
     figures.check(
+        ready <= FAILOVER,
+        format!("the standby led only {} after the leader's death", s(ready)),
+    );
+    figures.check(
         hi <= bound,
-        format!("a window of {hi} > {bound} around the operator restart"),
+        format!("a window of {hi} > {bound} around the failover"),
     );
     figures.check(
         lo as f64 >= 0.5 * BUDGET,
-        format!("the fleet slowed to {lo} msg/s around the operator restart"),
+        format!("the fleet slowed to {lo} msg/s around the failover"),
+    );
+    figures.check(
+        restarted.is_empty(),
+        format!("replicas restarted during the failover: {restarted:?}"),
+    );
+    // The killed operator comes back as the standby.
+    let stood_by = story.operators[leader].log().matches("Standing by").count();
+    story.operators[leader].start();
+    wait_for(
+        "the restarted operator standing by",
+        Duration::from_secs(30),
+        || (story.operators[leader].log().matches("Standing by").count() > stood_by).then_some(()),
     );
 
     // --- 6. every message delivered.
@@ -1537,14 +1664,14 @@ fn run(
     ));
     figures.add(format!(
         "operator started {} times; kubelet: {} process starts, {} API errors",
-        story.operator.starts,
+        story.operators.iter().map(|o| o.starts).sum::<u32>(),
         records
             .iter()
             .filter(|r| matches!(r.event, Event::Started { .. }))
             .count(),
         kubelet.errors().len()
     ));
-    let refused = story.operator.refused();
+    let refused: Vec<String> = story.operators.iter().flat_map(|o| o.refused()).collect();
     assert!(
         refused.is_empty(),
         "the API server refused the operator (RBAC the chart does not grant):\n{}",
