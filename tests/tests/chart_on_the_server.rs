@@ -394,17 +394,24 @@ impl Drop for Operator {
     }
 }
 
-/// The status code of `GET path` on 127.0.0.1:`port` (plain HTTP/1.0), or `None` when
-/// nothing answers.
-/// The body of `GET path` on a loopback port, if it answered 200.
-fn http_body(port: u16, path: &str) -> Option<String> {
+/// `GET path` on 127.0.0.1:`port` (plain HTTP/1.0): status code and body, or `None`
+/// when nothing answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    (head.split_whitespace().nth(1)? == "200").then(|| body.to_string())
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    Some((
+        head.split_whitespace().nth(1)?.parse().ok()?,
+        body.to_string(),
+    ))
+}
+
+/// The body of `GET path`, if it answered 200.
+fn http_body(port: u16, path: &str) -> Option<String> {
+    http_get(port, path).and_then(|(status, body)| (status == 200).then_some(body))
 }
 
 /// The names a Prometheus text exposition exports: each `# TYPE` family as it appears
@@ -501,13 +508,9 @@ impl Drop for Replica {
     }
 }
 
+/// The status code of `GET path`, or `None` when nothing answers.
 fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    buf.split_whitespace().nth(1)?.parse().ok()
+    http_get(port, path).map(|(status, _)| status)
 }
 
 // ---------------------------------------------------------------------------------
