@@ -59,19 +59,36 @@ async fn a_lease_change_re_rates_at_once_and_releases_no_burst(kafka: Kafka<'sta
         first_100ms <= 32,
         "{first_100ms} messages in the 100 ms after raising to 300/s: a burst"
     );
-    let up_rate = in_range(up, Duration::from_secs(2)) as f64 / 2.0;
+    // Upper bounds hold always: rate x 2 s + the burst, + 20 ms of delivery jitter at
+    // the sink (a permit taken just before the window may arrive inside it): 6 at 300/s,
+    // 1 at 50/s. Lower bounds only tell "followed the change at
+    // once" from "did not" (it would stay at 100/s, 200 in 2 s; at 300, 600 in 2 s):
+    // 0.9 x, since the debug build on a busy 2-core machine stalls now and then (a cold
+    // CI run saw 581 of 600 on Apache Kafka). Accuracy at a fixed rate is rate.rs's
+    // test, against the same run's unthrottled reference.
+    let up_count = in_range(up, Duration::from_secs(2));
+    eprintln!("after raising to 300/s: {up_count} in 2 s");
     assert!(
-        (up_rate - 300.0).abs() <= 9.0,
-        "after raising to 300/s: {up_rate}/s"
+        up_count <= 2 * 300 + 1 + 6,
+        "after raising to 300/s: {up_count} in 2 s, above rate + burst"
+    );
+    assert!(
+        up_count >= 540,
+        "after raising to 300/s: only {up_count} in 2 s (not re-rated?)"
     );
     let down_first = in_range(down, Duration::from_secs(1));
     assert!(
         down_first <= 52,
         "{down_first} messages in the first second at 50/s"
     );
-    let down_rate = in_range(down, Duration::from_secs(2)) as f64 / 2.0;
+    let down_count = in_range(down, Duration::from_secs(2));
+    eprintln!("after lowering to 50/s: {down_count} in 2 s");
     assert!(
-        (down_rate - 50.0).abs() <= 2.0,
-        "after lowering to 50/s: {down_rate}/s"
+        down_count <= 2 * 50 + 1 + 1,
+        "after lowering to 50/s: {down_count} in 2 s, above rate + burst"
+    );
+    assert!(
+        down_count >= 90,
+        "after lowering to 50/s: only {down_count} in 2 s"
     );
 }

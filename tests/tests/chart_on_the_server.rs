@@ -216,6 +216,18 @@ fn election_args(release_ns: &str, identity: &str) -> Vec<String> {
     ]
 }
 
+/// A time field of the chart's leader Lease (`renewTime`, `acquireTime`).
+fn lease_time(
+    cp: &ControlPlane,
+    ns: &str,
+    field: &str,
+) -> k8s_openapi::chrono::DateTime<k8s_openapi::chrono::FixedOffset> {
+    let l = get(cp, &["lease", FULLNAME, "-n", ns]).expect("the leader Lease");
+    let text = l["spec"][field].as_str().unwrap_or_default().to_string();
+    k8s_openapi::chrono::DateTime::parse_from_rfc3339(&text)
+        .unwrap_or_else(|e| panic!("Lease {field} {text:?}: {e}"))
+}
+
 /// The holder of the chart's leader Lease, and its transitions.
 fn lease_holder(cp: &ControlPlane, ns: &str) -> Option<(String, i64)> {
     let l = get(cp, &["lease", FULLNAME, "-n", ns])?;
@@ -1498,12 +1510,26 @@ fn one_operator_leads_a_standby_takes_over_when_it_dies_and_at_once_when_it_stop
     let killed = Instant::now();
     a.signal("KILL");
     a.await_exit();
+    // The dead leader's last renewal, as written in the Lease.
+    let last_renewal = lease_time(&cp, &ns, "renewTime");
     b.await_ready();
     let took = killed.elapsed();
     let (holder, transitions) = lease_holder(&cp, &ns).expect("the leader Lease");
     assert!(holder.starts_with("b-"), "{holder}");
     assert_eq!(transitions, 1);
-    println!("SIGKILL of the leader: the standby led {took:?} after it (Lease duration 15 s)");
+    // The safety property, on the Lease's own record: taken no sooner than its duration
+    // after the last renewal (the old leader had stopped 5 s before that), and at most
+    // one attempt (2 s) later, plus API latency.
+    let after_renewal = (lease_time(&cp, &ns, "acquireTime") - last_renewal)
+        .to_std()
+        .expect("acquired after the last renewal");
+    println!(
+        "SIGKILL of the leader: the standby led {took:?} after it, {after_renewal:?} after the last renewal (Lease duration 15 s)"
+    );
+    assert!(
+        after_renewal >= Duration::from_secs(15) && after_renewal <= Duration::from_secs(18),
+        "the standby took the Lease {after_renewal:?} after the leader's last renewal"
+    );
     assert!(
         took >= Duration::from_secs(13) && took <= Duration::from_secs(18),
         "the standby led {took:?} after the leader's death"
