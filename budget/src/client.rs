@@ -68,7 +68,7 @@ pub struct Demand {
 
 /// Where the current share comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseSource {
+pub enum LeaseOrigin {
     /// No usable lease: run at zero.
     None,
     Granted,
@@ -80,14 +80,14 @@ pub enum LeaseSource {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Lease {
     pub share: Share,
-    pub source: LeaseSource,
+    pub origin: LeaseOrigin,
     pub epoch: u64,
 }
 
 impl Lease {
     pub const NONE: Lease = Lease {
         share: Share::ZERO,
-        source: LeaseSource::None,
+        origin: LeaseOrigin::None,
         epoch: 0,
     };
 }
@@ -126,12 +126,12 @@ impl LeaseState {
         match &self.held {
             Some(h) if now < h.lease_until => Lease {
                 share: h.grant.share(),
-                source: LeaseSource::Granted,
+                origin: LeaseOrigin::Granted,
                 epoch: h.grant.epoch,
             },
             Some(h) if now < h.fallback_until => Lease {
                 share: h.grant.fallback,
-                source: LeaseSource::Fallback,
+                origin: LeaseOrigin::Fallback,
                 epoch: h.grant.epoch,
             },
             _ => Lease::NONE,
@@ -422,7 +422,7 @@ mod tests {
         assert_eq!(s.effective(t0).share, Share::new(10.0, 4));
         assert_eq!(s.next_change(t0), Some(t0 + Duration::from_millis(1_000)));
         let t1 = t0 + Duration::from_millis(1_000);
-        assert_eq!(s.effective(t1).source, LeaseSource::Fallback);
+        assert_eq!(s.effective(t1).origin, LeaseOrigin::Fallback);
         assert_eq!(s.effective(t1).share, Share::new(2.0, 1));
         let t2 = t0 + Duration::from_millis(4_000);
         assert_eq!(s.effective(t2), Lease::NONE);
@@ -435,6 +435,6 @@ mod tests {
         let mut s = LeaseState::default();
         s.apply(grant(5.0, 1.0), sent);
         let just_before = sent + Duration::from_millis(999);
-        assert_eq!(s.effective(just_before).source, LeaseSource::Granted);
+        assert_eq!(s.effective(just_before).origin, LeaseOrigin::Granted);
     }
 }

@@ -1,6 +1,6 @@
 //! The coordinator over real HTTP on 127.0.0.1:0, driven by the real client.
 
-use pacer_budget::client::{self, ClientConfig, Demand, Lease, LeaseHandle, LeaseSource};
+use pacer_budget::client::{self, ClientConfig, Demand, Lease, LeaseHandle, LeaseOrigin};
 use pacer_budget::service::{self, BudgetId, Coordinator};
 use pacer_budget::{BudgetConfig, Policy, Share};
 use std::sync::Arc;
@@ -156,7 +156,7 @@ async fn concurrent_clients_joining_leaving_and_crashing_never_hold_more_than_th
             let l = *h.lease().borrow();
             sum.rate += l.share.rate;
             sum.in_flight += l.share.in_flight;
-            granted_seen += u32::from(l.source == LeaseSource::Granted);
+            granted_seen += u32::from(l.origin == LeaseOrigin::Granted);
         }
         assert!(
             sum.rate <= cap.rate + 1e-9,
@@ -215,13 +215,13 @@ async fn a_client_falls_back_when_the_coordinator_is_gone_then_stops_after_the_w
     let s = Server::ready(config(100.0, 10, Policy::Equal, 4)).await;
     let a = client::spawn(client_config(&s.url, "a"), busy());
     let l = await_lease(&a, Duration::from_secs(2), |l| {
-        l.source == LeaseSource::Granted
+        l.origin == LeaseOrigin::Granted
     })
     .await;
     assert_eq!(l.share, Share::new(25.0, 3));
     s.stop().await;
     let fb = await_lease(&a, Duration::from_secs(2), |l| {
-        l.source == LeaseSource::Fallback
+        l.origin == LeaseOrigin::Fallback
     })
     .await;
     assert_eq!(
@@ -230,7 +230,7 @@ async fn a_client_falls_back_when_the_coordinator_is_gone_then_stops_after_the_w
         "fallback is an equal split over expected members"
     );
     let none = await_lease(&a, Duration::from_secs(2), |l| {
-        l.source == LeaseSource::None
+        l.origin == LeaseOrigin::None
     })
     .await;
     assert_eq!(none.share, Share::ZERO);
@@ -243,7 +243,7 @@ async fn a_new_coordinator_learns_before_granting_new_members() {
     // Fresh coordinator: in learning mode, a new member gets nothing...
     let a = client::spawn(client_config(&s.url, "a"), busy());
     let first = await_lease(&a, Duration::from_secs(2), |l| {
-        l.source == LeaseSource::Granted
+        l.origin == LeaseOrigin::Granted
     })
     .await;
     assert_eq!(first.share, Share::ZERO);

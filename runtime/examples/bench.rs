@@ -18,8 +18,8 @@ use std::sync::Arc;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::{Duration, Instant};
 
-use pacer_runtime::config::{BudgetSource, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
-use pacer_runtime::lease::Allowance;
+use pacer_runtime::allowance::Allowance;
+use pacer_runtime::config::{Budget, Ordering as Order, RetryPolicy, RunConfig, SinkSpec};
 use pacer_runtime::message::{Message, TopicPartition};
 use pacer_runtime::metrics::OutcomeLabels;
 use pacer_runtime::sink::http_headers;
@@ -100,7 +100,7 @@ fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec, in_flight: 
         group_id: group.to_string(),
         kafka_config: Vec::new(),
         group_protocol: Default::default(),
-        budget: BudgetSource::Standalone {
+        budget: Budget::Standalone {
             rate: f64::INFINITY,
             in_flight,
         },
@@ -125,8 +125,8 @@ fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec, in_flight: 
 /// Runs a replica until `n` messages are acked; msg/s from the first ack.
 async fn pacer(config: RunConfig, n: usize) -> f64 {
     let in_flight = match config.budget {
-        BudgetSource::Standalone { in_flight, .. } => in_flight,
-        BudgetSource::Leased { .. } => 1,
+        Budget::Standalone { in_flight, .. } => in_flight,
+        Budget::Leased { .. } => 1,
     };
     let (_tx, rx) = watch::channel(Allowance::standalone(f64::INFINITY, in_flight));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -143,8 +143,8 @@ async fn pacer(config: RunConfig, n: usize) -> f64 {
     ));
     let handle = h_rx.await.expect("replica started");
     let acked = handle
-        .shared
-        .metrics
+        .status
+        .metrics()
         .messages
         .get_or_create(&OutcomeLabels { outcome: "acked" })
         .clone();

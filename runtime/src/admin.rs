@@ -1,9 +1,6 @@
 //! Admin HTTP: `/livez`, `/readyz`, `/metrics`. Takes a bound listener so tests can
 //! use port 0.
 
-use std::sync::atomic::Ordering as AtomicOrdering;
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -12,21 +9,21 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::lease::{Allowance, AllowanceSource};
-use crate::pipeline::Shared;
+use crate::allowance::{Allowance, AllowanceOrigin};
+use crate::state::Status;
 
 #[derive(Clone)]
 struct AdminState {
-    shared: Arc<Shared>,
+    status: Status,
     allowance: watch::Receiver<Allowance>,
 }
 
-pub fn router(shared: Arc<Shared>, allowance: watch::Receiver<Allowance>) -> Router {
+pub fn router(status: Status, allowance: watch::Receiver<Allowance>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(AdminState { shared, allowance })
+        .with_state(AdminState { status, allowance })
 }
 
 /// Serves until the task is aborted.
@@ -35,13 +32,14 @@ pub async fn serve(listener: TcpListener, router: Router) -> std::io::Result<()>
 }
 
 /// Ready once the replica is in its group (an assignment, possibly empty, arrived), a
-/// broker answers, and it holds a lease or a fallback share. A replica without partitions is still ready:
-/// otherwise a fleet with more replicas than partitions would block rollouts.
+/// broker answers, and it holds a lease or a fallback share. A replica without
+/// partitions is still ready: otherwise a fleet with more replicas than partitions
+/// would block rollouts.
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    let joined = s.shared.joined.load(AtomicOrdering::Relaxed);
-    let brokers_down = s.shared.lock().brokers_down;
-    let source = s.allowance.borrow().source;
-    if joined && !brokers_down && source != AllowanceSource::Pending {
+    let joined = s.status.joined();
+    let brokers_down = s.status.brokers_down();
+    let origin = s.allowance.borrow().origin;
+    if joined && !brokers_down && origin != AllowanceOrigin::Pending {
         (StatusCode::OK, "ready".to_string())
     } else {
         (
@@ -49,7 +47,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
             format!(
                 "joined group: {joined}, brokers reachable: {}, allowance: {}",
                 !brokers_down,
-                source.as_str()
+                origin.as_str()
             ),
         )
     }
@@ -61,6 +59,6 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.shared.metrics.encode(),
+        s.status.metrics().encode(),
     )
 }

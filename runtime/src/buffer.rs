@@ -112,6 +112,20 @@ impl Buffer {
         self.len <= self.max_messages / 4 * 3 && self.bytes <= self.max_bytes / 4 * 3
     }
 
+    /// The fill level against the marks above, for the Kafka thread's back-pressure.
+    pub fn level(&self) -> crate::backpressure::Level {
+        use crate::backpressure::Level;
+        if self.is_full() {
+            Level::Full
+        } else if self.below_low_water() {
+            Level::Low
+        } else if self.below_refill_mark() {
+            Level::BelowRefill
+        } else {
+            Level::High
+        }
+    }
+
     /// With `partition` ordering, which partitions to pause and which to resume so that
     /// the buffer holds messages of every partition that has some to give: a partition
     /// with at least `share` buffered messages is held (the caller pauses it, so the
@@ -356,10 +370,12 @@ impl Buffer {
         let mut dropped = 0;
         for queue in &mut self.queues {
             let limit = queue.popped.unwrap_or(i64::MIN);
-            while let Some(m) = queue.msgs.pop_back_if(|m| m.offset > limit) {
-                self.len -= 1;
-                self.bytes -= m.size();
-                dropped += 1;
+            while queue.msgs.back().is_some_and(|m| m.offset > limit) {
+                if let Some(m) = queue.msgs.pop_back() {
+                    self.len -= 1;
+                    self.bytes -= m.size();
+                    dropped += 1;
+                }
             }
         }
         (self.len, dropped)

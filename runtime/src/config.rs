@@ -193,7 +193,7 @@ impl fmt::Display for SinkSpec {
 
 /// Where the budget comes from.
 #[derive(Debug, Clone, PartialEq)]
-pub enum BudgetSource {
+pub enum Budget {
     /// Fixed limits; `rate` may be infinite (`--rate unlimited`).
     Standalone { rate: f64, in_flight: u32 },
     /// Leased from a coordinator.
@@ -216,7 +216,7 @@ pub struct RunConfig {
     pub group_id: String,
     pub kafka_config: Vec<(String, String)>,
     pub group_protocol: GroupProtocol,
-    pub budget: BudgetSource,
+    pub budget: Budget,
     pub burst: u32,
     pub ordering: Ordering,
     pub buffer_messages: usize,
@@ -282,63 +282,7 @@ impl RunArgs {
             termination_log,
         } = self;
 
-        let budget = match (coordinator, rate) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "--rate",
-                    "a standalone rate cannot be combined with '--coordinator'; pass one of them",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "--rate",
-                    "missing: pass '--rate N' (standalone) or '--coordinator URL --budget NS/NAME --token-file PATH'",
-                ))
-            }
-            (None, Some(rate)) => BudgetSource::Standalone {
-                rate,
-                in_flight: max_in_flight.unwrap_or(16),
-            },
-            (Some(base_url), None) => {
-                let (namespace, name) = budget.ok_or_else(|| {
-                    invalid("--budget", "missing: '--coordinator' needs '--budget NS/NAME'")
-                })?;
-                let path = token_file.ok_or_else(|| {
-                    invalid(
-                        "--token-file",
-                        "missing: '--coordinator' needs '--token-file PATH'",
-                    )
-                })?;
-                let token = std::fs::read_to_string(&path)
-                    .map_err(|source| ConfigError::TokenFile {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_string();
-                if token.is_empty() {
-                    return Err(invalid("--token-file", format!("{} is empty", path.display())));
-                }
-                let member = member
-                    .or_else(|| std::env::var("HOSTNAME").ok())
-                    .unwrap_or_default();
-                names::member_name(&member).map_err(|e| {
-                    invalid(
-                        "--member",
-                        format!("{member:?}: {e} (set --member or $HOSTNAME)"),
-                    )
-                })?;
-                BudgetSource::Leased {
-                    client: ClientConfig {
-                        base_url,
-                        namespace,
-                        name,
-                        token,
-                        member,
-                    },
-                }
-            }
-        };
+        let budget = budget_of(coordinator, budget, token_file, member, rate, max_in_flight)?;
         duration::retry_delays(retry_initial_delay, retry_max_delay, "'--retry-max-delay'")
             .map_err(|e| invalid("--retry-initial-delay", e))?;
         let kafka_config =
@@ -374,6 +318,71 @@ impl RunArgs {
             admin_addr: Some(admin_addr),
             termination_log,
         })
+    }
+}
+
+/// Where the budget comes from: `--rate` (standalone) or `--coordinator` with its
+/// `--budget`, `--token-file` and `--member`.
+fn budget_of(
+    coordinator: Option<String>,
+    budget: Option<(String, String)>,
+    token_file: Option<PathBuf>,
+    member: Option<String>,
+    rate: Option<f64>,
+    max_in_flight: Option<u32>,
+) -> Result<Budget, ConfigError> {
+    match (coordinator, rate) {
+        (Some(_), Some(_)) => Err(invalid(
+            "--rate",
+            "a standalone rate cannot be combined with '--coordinator'; pass one of them",
+        )),
+        (None, None) => Err(invalid(
+            "--rate",
+            "missing: pass '--rate N' (standalone) or '--coordinator URL --budget NS/NAME --token-file PATH'",
+        )),
+        (None, Some(rate)) => Ok(Budget::Standalone {
+            rate,
+            in_flight: max_in_flight.unwrap_or(16),
+        }),
+        (Some(base_url), None) => {
+            let (namespace, name) = budget.ok_or_else(|| {
+                invalid("--budget", "missing: '--coordinator' needs '--budget NS/NAME'")
+            })?;
+            let path = token_file.ok_or_else(|| {
+                invalid(
+                    "--token-file",
+                    "missing: '--coordinator' needs '--token-file PATH'",
+                )
+            })?;
+            let token = std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_string();
+            if token.is_empty() {
+                return Err(invalid("--token-file", format!("{} is empty", path.display())));
+            }
+            let member = member
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_default();
+            names::member_name(&member).map_err(|e| {
+                invalid(
+                    "--member",
+                    format!("{member:?}: {e} (set --member or $HOSTNAME)"),
+                )
+            })?;
+            Ok(Budget::Leased {
+                client: ClientConfig {
+                    base_url,
+                    namespace,
+                    name,
+                    token,
+                    member,
+                },
+            })
+        }
     }
 }
 
@@ -620,7 +629,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             c.budget,
-            BudgetSource::Standalone {
+            Budget::Standalone {
                 rate: f64::INFINITY,
                 in_flight: 16
             }
@@ -647,7 +656,7 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(
             c.unwrap().budget,
-            BudgetSource::Leased {
+            Budget::Leased {
                 client: ClientConfig {
                     base_url: "http://c:8080".into(),
                     namespace: "ns".into(),

@@ -18,7 +18,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
 
-use crate::config::{BudgetSource, DemoArgs, Ordering, RetryPolicy, RunConfig, SinkSpec};
+use crate::config::{Budget, DemoArgs, Ordering, RetryPolicy, RunConfig, SinkSpec};
 
 const TOPIC: &str = "demo";
 const TOKEN: &str = "pacer-demo-token-0123456789abcdef";
@@ -51,6 +51,8 @@ pub struct Second {
     pub budget: f64,
 }
 
+/// Runs the demo: a mock broker with a backlog, a coordinator, a counting HTTP sink and
+/// a fleet of in-process replicas; one replica leaves halfway.
 pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let DemoArgs {
         budget,
@@ -70,11 +72,54 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     produce(&bootstrap, partitions, backlog)?;
     println!("broker {bootstrap}: {backlog} messages in {partitions} partitions");
 
-    // Coordinator.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let coord_addr = start_coordinator(budget, replicas, stop_rx).await?;
+    let (sink_url, delivered) = start_sink().await?;
+    let mut fleet = Vec::new();
+    for i in 0..replicas {
+        let (tx, mut rx) = watch::channel(false);
+        let config = replica_config(&bootstrap, coord_addr, &sink_url, i);
+        let task = tokio::spawn(crate::run(config, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        fleet.push((tx, task));
+    }
+    println!(
+        "{replicas} replicas share {budget} msg/s; a coordinator that just started grants \
+         nothing new for a lease plus the fallback window ({} s: it cannot know what an \
+         earlier incarnation granted)",
+        (LEASE_MS + FALLBACK_MS) / 1000
+    );
+    let series = watch_fleet(&delivered, &fleet, budget, replicas, duration).await;
+    for (tx, _) in &fleet {
+        let _ = tx.send(true);
+    }
+    for (_, task) in fleet {
+        let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    }
+    let _ = stop_tx.send(true);
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&series).unwrap_or_default();
+        std::fs::write(&path, text).map_err(|source| DemoError::Json { path, source })?;
+    }
+    drop(cluster);
+    Ok(())
+}
+
+type Fleet = Vec<(
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<Result<crate::RunSummary, crate::RunError>>,
+)>;
+
+/// A coordinator serving one `demand` budget on a loopback port, until `stop`.
+async fn start_coordinator(
+    budget: f64,
+    replicas: u32,
+    mut stop: watch::Receiver<bool>,
+) -> Result<std::net::SocketAddr, DemoError> {
     let coord = Coordinator::new();
-    let id = BudgetId::new("demo", "demo");
     coord.upsert(
-        id,
+        BudgetId::new("demo", "demo"),
         BudgetConfig {
             capacity: Share::new(budget, replicas * 4),
             policy: Policy::Demand,
@@ -88,14 +133,15 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(DemoError::Bind)?;
-    let coord_addr = listener.local_addr().map_err(DemoError::Bind)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut coord_stop = stop_rx.clone();
+    let addr = listener.local_addr().map_err(DemoError::Bind)?;
     tokio::spawn(pacer_budget::service::serve(listener, coord, async move {
-        let _ = coord_stop.wait_for(|s| *s).await;
+        let _ = stop.wait_for(|s| *s).await;
     }));
+    Ok(addr)
+}
 
-    // Sink: counts deliveries.
+/// An HTTP sink on a loopback port that counts deliveries.
+async fn start_sink() -> Result<(String, Arc<AtomicU64>), DemoError> {
     let delivered = Arc::new(AtomicU64::new(0));
     let counter = delivered.clone();
     let app = axum::Router::new().route(
@@ -108,65 +154,69 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             }
         }),
     );
-    let sink_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(DemoError::Bind)?;
-    let sink_url = format!(
+    let url = format!(
         "http://{}/",
-        sink_listener.local_addr().map_err(DemoError::Bind)?
+        listener.local_addr().map_err(DemoError::Bind)?
     );
-    tokio::spawn(async move { axum::serve(sink_listener, app).await });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, delivered))
+}
 
-    // Replicas, each with its own stop switch.
-    let mut fleet = Vec::new();
-    for i in 0..replicas {
-        let (tx, mut rx) = watch::channel(false);
-        let config = RunConfig {
-            bootstrap_servers: bootstrap.clone(),
-            topics: vec![TOPIC.into()],
-            group_id: "demo".into(),
-            kafka_config: vec![
-                ("session.timeout.ms".into(), "6000".into()),
-                ("heartbeat.interval.ms".into(), "500".into()),
-            ],
-            group_protocol: Default::default(),
-            budget: BudgetSource::Leased {
-                client: pacer_budget::client::ClientConfig {
-                    base_url: format!("http://{coord_addr}"),
-                    namespace: "demo".into(),
-                    name: "demo".into(),
-                    token: TOKEN.into(),
-                    member: format!("replica-{i}"),
-                },
+/// Replica `i` of the demo fleet.
+fn replica_config(
+    bootstrap: &str,
+    coord_addr: std::net::SocketAddr,
+    sink_url: &str,
+    i: u32,
+) -> RunConfig {
+    RunConfig {
+        bootstrap_servers: bootstrap.to_string(),
+        topics: vec![TOPIC.into()],
+        group_id: "demo".into(),
+        kafka_config: vec![
+            ("session.timeout.ms".into(), "6000".into()),
+            ("heartbeat.interval.ms".into(), "500".into()),
+        ],
+        group_protocol: Default::default(),
+        budget: Budget::Leased {
+            client: pacer_budget::client::ClientConfig {
+                base_url: format!("http://{coord_addr}"),
+                namespace: "demo".into(),
+                name: "demo".into(),
+                token: TOKEN.into(),
+                member: format!("replica-{i}"),
             },
-            burst: 1,
-            ordering: Ordering::None,
-            buffer_messages: 1000,
-            buffer_bytes: 16 << 20,
-            sink: SinkSpec::Http(sink_url.clone()),
-            timeout: Duration::from_secs(5),
-            retry: RetryPolicy {
-                max_attempts: 5,
-                initial_delay: Duration::from_millis(100),
-                max_delay: Duration::from_secs(5),
-            },
-            dead_letter_topic: None,
-            shutdown_grace: Duration::from_secs(5),
-            admin_addr: None,
-            termination_log: None,
-        };
-        let task = tokio::spawn(crate::run(config, async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }));
-        fleet.push((tx, task));
+        },
+        burst: 1,
+        ordering: Ordering::None,
+        buffer_messages: 1000,
+        buffer_bytes: 16 << 20,
+        sink: SinkSpec::Http(sink_url.to_string()),
+        timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+        },
+        dead_letter_topic: None,
+        shutdown_grace: Duration::from_secs(5),
+        admin_addr: None,
+        termination_log: None,
     }
-    println!(
-        "{replicas} replicas share {budget} msg/s; a coordinator that just started grants \
-         nothing new for a lease plus the fallback window ({} s: it cannot know what an \
-         earlier incarnation granted)",
-        (LEASE_MS + FALLBACK_MS) / 1000
-    );
+}
 
+/// Prints the sink's rate once a second for `duration` seconds from the first
+/// delivery; replica 0 leaves halfway.
+async fn watch_fleet(
+    delivered: &AtomicU64,
+    fleet: &Fleet,
+    budget: f64,
+    replicas: u32,
+    duration: u64,
+) -> Vec<Second> {
     // Group join (the mock broker delays the first rebalance by ~3 s) and the
     // coordinator's learning period come first; start the clock at the first delivery.
     let mut waited = 0;
@@ -203,19 +253,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             }
         }
     }
-    for (tx, _) in &fleet {
-        let _ = tx.send(true);
-    }
-    for (_, task) in fleet {
-        let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-    }
-    let _ = stop_tx.send(true);
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&series).unwrap_or_default();
-        std::fs::write(&path, text).map_err(|source| DemoError::Json { path, source })?;
-    }
-    drop(cluster);
-    Ok(())
+    series
 }
 
 fn produce(bootstrap: &str, partitions: i32, n: usize) -> Result<(), DemoError> {

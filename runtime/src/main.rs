@@ -3,6 +3,8 @@
 //! Exit codes: 0 clean shutdown, 1 runtime failure, 2 invalid configuration, 130 a
 //! second signal during shutdown.
 
+#![deny(clippy::too_many_lines)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

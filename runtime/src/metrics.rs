@@ -89,6 +89,14 @@ impl Metrics {
             brokers_down: Gauge::default(),
             registry: Registry::with_prefix(PREFIX),
         };
+        m.register_pipeline();
+        m.register_kafka_and_lease();
+        m
+    }
+
+    /// The messages' way through the replica: outcomes, buffer, slots, sink.
+    fn register_pipeline(&mut self) {
+        let m = self;
         let r = &mut m.registry;
         r.register(
             "messages",
@@ -132,8 +140,19 @@ impl Metrics {
             m.buffer_bytes.clone(),
         );
         r.register(
+            "sink_latency_seconds",
+            "Duration of one sink attempt",
+            m.sink_latency.clone(),
+        );
+    }
+
+    /// What Kafka and the coordinator give the replica.
+    fn register_kafka_and_lease(&mut self) {
+        let m = self;
+        let r = &mut m.registry;
+        r.register(
             "paused_partitions",
-            "Assigned partitions paused because the buffer is full",
+            "Assigned partitions paused: all of them while the buffer stays above its refill mark, or one by one by their share of it (partition ordering)",
             m.paused_partitions.clone(),
         );
         r.register(
@@ -145,11 +164,6 @@ impl Metrics {
             "consumer_lag",
             "Messages behind the high watermark, per partition (from librdkafka statistics)",
             m.lag.clone(),
-        );
-        r.register(
-            "sink_latency_seconds",
-            "Duration of one sink attempt",
-            m.sink_latency.clone(),
         );
         r.register(
             "lease_refreshes",
@@ -171,7 +185,6 @@ impl Metrics {
             "1 while no Kafka broker answers (no new message is dispatched meanwhile)",
             m.brokers_down.clone(),
         );
-        m
     }
 
     pub fn outcome(&self, outcome: &'static str) {

@@ -86,7 +86,7 @@ impl Sink {
         bootstrap: &str,
         kafka_config: &[(String, String)],
         timeout: Duration,
-        max_in_flight_hint: usize,
+        idle_connections: usize,
         group_id: &str,
     ) -> Result<Sink, SinkError> {
         Ok(match spec {
@@ -96,7 +96,7 @@ impl Sink {
                     // a 301/302/303 would turn the POST into a bodiless GET whose 2xx
                     // would count the message as delivered. 3xx is classified instead.
                     .redirect(reqwest::redirect::Policy::none())
-                    .pool_max_idle_per_host(max_in_flight_hint.max(16))
+                    .pool_max_idle_per_host(idle_connections.max(16))
                     .tcp_nodelay(true)
                     .build()
                     .map_err(SinkError::HttpClient)?,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, Ordering as Order, SinkSpec};
+use pacer_runtime::config::{Budget, Ordering as Order, SinkSpec};
 
 on_both_brokers!(the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit);
 async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit(
@@ -29,7 +29,7 @@ async fn the_sink_never_sees_more_concurrent_requests_than_the_in_flight_limit(
         "g-inflight",
         SinkSpec::Http(sink.url()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: f64::INFINITY,
         in_flight: 4,
     };
@@ -85,7 +85,7 @@ async fn key_ordering_delivers_each_key_in_offset_order_without_overlap(kafka: K
         SinkSpec::Http(sink.url()),
     );
     c.ordering = Order::Key;
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: f64::INFINITY,
         in_flight: 8,
     };
@@ -480,13 +480,13 @@ async fn an_unreachable_sink_is_retried_until_it_comes_up_and_nothing_is_lost(
     );
     c.retry.max_delay = Duration::from_millis(300);
     let r = InProcess::start(c).await;
-    let shared = r.handle.shared.clone();
+    let status = r.handle.status.clone();
     wait_for(
         "connection errors to be retried",
         Duration::from_secs(30),
         || {
             metric(
-                &shared.metrics.encode(),
+                &status.metrics().encode(),
                 "pacer_retries_total{reason=\"failure\"}",
             )
             .unwrap_or(0.0)
@@ -564,12 +564,12 @@ async fn the_admin_endpoints_report_liveness_readiness_and_every_documented_metr
         200
     );
     let mut text = String::new();
-    let shared = r.handle.shared.clone();
+    let status = r.handle.status.clone();
     wait_for(
         "lag from librdkafka statistics",
         Duration::from_secs(10),
         || {
-            text = shared.metrics.encode();
+            text = status.metrics().encode();
             text.contains("pacer_consumer_lag{")
         },
     )
@@ -626,7 +626,7 @@ async fn the_kafka_sink_relays_values_and_headers_to_another_topic(kafka: Kafka<
         "g-relay",
         SinkSpec::Kafka("relay-out".into()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: 100.0,
         in_flight: 4,
     };
@@ -657,10 +657,10 @@ async fn a_lease_change_resizes_the_in_flight_limit_live(kafka: Kafka<'static>) 
         "g-slots",
         SinkSpec::Http(sink.url()),
     );
-    let granted = |in_flight: u32| pacer_runtime::lease::Allowance {
+    let granted = |in_flight: u32| pacer_runtime::allowance::Allowance {
         rate: f64::INFINITY,
         in_flight,
-        source: pacer_runtime::lease::AllowanceSource::Granted,
+        origin: pacer_runtime::allowance::AllowanceOrigin::Granted,
     };
     let r = InProcess::start_with(c, granted(2)).await;
     let state = sink.state.clone();
@@ -684,7 +684,7 @@ async fn a_lease_change_resizes_the_in_flight_limit_live(kafka: Kafka<'static>) 
     r.allowance.send(granted(1)).unwrap();
     // Once the replica applied the new limit and the sink is down to one request, the
     // requests started under the old limit have finished: from then on one at a time.
-    let metrics = r.handle.shared.metrics.clone();
+    let metrics = r.handle.status.metrics().clone();
     wait_for(
         "the limit of 1 applied and in-flight work finished",
         Duration::from_secs(5),
@@ -831,11 +831,11 @@ async fn a_topic_that_does_not_exist_yet_is_reported_then_consumed_once_it_appea
         SinkSpec::Http(sink.url()),
     ))
     .await;
-    let shared = r.handle.shared.clone();
+    let status = r.handle.status.clone();
     wait_for(
         "the missing topic to be reported",
         Duration::from_secs(30),
-        || metric(&shared.metrics.encode(), "pacer_kafka_errors_total").unwrap_or(0.0) >= 1.0,
+        || metric(&status.metrics().encode(), "pacer_kafka_errors_total").unwrap_or(0.0) >= 1.0,
     )
     .await;
     kafka.topic("late", 1);

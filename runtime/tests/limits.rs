@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, SinkSpec};
+use pacer_runtime::config::{Budget, SinkSpec};
 
 on_both_brokers!(
     retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_within_the_rate
@@ -37,7 +37,7 @@ async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_
         "g-retry-rate",
         SinkSpec::Http(sink.url()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: f64::from(RATE),
         in_flight: 16,
     };
@@ -53,7 +53,7 @@ async fn retries_take_a_rate_permit_so_first_attempts_and_retries_together_stay_
     .await;
     // The sink records a request before the replica has read the answer: wait for the
     // last acks to be counted.
-    let m = r.handle.shared.metrics.clone();
+    let m = r.handle.status.metrics().clone();
     let acked = || metric(&m.encode(), "pacer_messages_total{outcome=\"acked\"}");
     wait_for(&format!("{N} acks"), Duration::from_secs(10), || {
         acked() >= Some(N as f64)
@@ -141,7 +141,7 @@ async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes(
         "g-bytes",
         SinkSpec::Http(sink.url()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: f64::INFINITY,
         in_flight: 1,
     };
@@ -150,7 +150,7 @@ async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes(
     // Longer than the stall: the held request must not time out and be retried.
     c.timeout = Duration::from_secs(60);
     let r = InProcess::start(c).await;
-    let m = r.handle.shared.metrics.clone();
+    let m = r.handle.status.metrics().clone();
     let state = sink.state.clone();
     // Sample the gauges every 5 ms from the start until 2 s after the sink holds a
     // request and the buffer has something in it.

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, SinkSpec};
+use pacer_runtime::config::{Budget, SinkSpec};
 
 /// Start times of delivered requests, sorted.
 fn starts(sink: &TestSink) -> Vec<Instant> {
@@ -46,7 +46,7 @@ async fn run_at(
         &format!("g-{topic}"),
         SinkSpec::Http(sink.url()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate,
         in_flight: 64,
     };
@@ -201,7 +201,7 @@ async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'st
         "g-held-permit",
         SinkSpec::Http(sink.url()),
     );
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: RATE,
         in_flight: 1,
     };

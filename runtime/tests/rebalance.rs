@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, GroupProtocol, SinkSpec};
+use pacer_runtime::config::{Budget, GroupProtocol, SinkSpec};
 
 on_both_brokers!(
     replicas_joining_and_leaving_lose_nothing_and_never_commit_past_an_unfinished_message
@@ -54,7 +54,7 @@ async fn rebalance(kafka: Kafka<'static>, protocol: GroupProtocol) {
             config(&kafka.bootstrap, topic, group, SinkSpec::Http(sink.url())),
             protocol,
         );
-        c.budget = BudgetSource::Standalone {
+        c.budget = Budget::Standalone {
             rate: 400.0,
             in_flight: 8,
         };
@@ -97,7 +97,7 @@ async fn rebalance(kafka: Kafka<'static>, protocol: GroupProtocol) {
                 }
                 eprintln!("{protocol}: not yet delivered, per partition: {missing:?}");
                 for (name, r) in [("b", &b), ("c", &c)] {
-                    eprintln!("  replica {name}: {}", r.handle.shared.describe());
+                    eprintln!("  replica {name}: {}", r.handle.status.describe());
                 }
             }
             ids.len() >= N - 1

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use pacer_runtime::config::{BudgetSource, SinkSpec};
-use pacer_runtime::lease::{Allowance, AllowanceSource};
+use pacer_runtime::allowance::{Allowance, AllowanceOrigin};
+use pacer_runtime::config::{Budget, SinkSpec};
 
 fn starts(sink: &TestSink) -> Vec<Instant> {
     let mut v: Vec<Instant> = sink.state.delivered().iter().map(|s| s.start).collect();
@@ -27,14 +27,14 @@ async fn a_lease_change_re_rates_at_once_and_releases_no_burst(kafka: Kafka<'sta
         SinkSpec::Http(sink.url()),
     );
     c.burst = 1;
-    c.budget = BudgetSource::Standalone {
+    c.budget = Budget::Standalone {
         rate: 100.0,
         in_flight: 16,
     };
     let granted = |rate: f64| Allowance {
         rate,
         in_flight: 16,
-        source: AllowanceSource::Granted,
+        origin: AllowanceOrigin::Granted,
     };
     let r = InProcess::start_with(c, granted(100.0)).await;
     let state = sink.state.clone();

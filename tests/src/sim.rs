@@ -35,7 +35,7 @@ pub const STEP_MS: u64 = 10;
 /// Length of the sliding window the worst case is measured over.
 pub const WINDOW_MS: u64 = 1_000;
 
-/// The runtime's reported demand with a backlog (`pacer_runtime::lease::DEMAND_ALL_*`:
+/// The runtime's reported demand with a backlog (`pacer_runtime::allowance::DEMAND_ALL_*`:
 /// "as much as you can give"); copied because the runtime dev-depends on this crate.
 pub const DEMAND_ALL_RATE: f64 = 1e9;
 pub const DEMAND_ALL_IN_FLIGHT: u32 = 1_000_000;
@@ -259,7 +259,7 @@ fn quantize(ms: f64) -> u64 {
     (ms / STEP_MS as f64).round() as u64 * STEP_MS
 }
 
-/// `pacer_runtime::lease::demand` with no sink latency (in-flight is not simulated).
+/// `pacer_runtime::allowance::demand` with no sink latency (in-flight is not simulated).
 fn runtime_demand(backlog: bool, arrival_rate: f64) -> Share {
     if backlog {
         Share::new(DEMAND_ALL_RATE, DEMAND_ALL_IN_FLIGHT)

@@ -16,10 +16,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use pacer_runtime::allowance::Allowance;
 use pacer_runtime::config::{
-    BudgetSource, GroupProtocol, Ordering as Order, RetryPolicy, RunConfig, SinkSpec,
+    Budget, GroupProtocol, Ordering as Order, RetryPolicy, RunConfig, SinkSpec,
 };
-use pacer_runtime::lease::Allowance;
 use pacer_runtime::{ReplicaHandle, RunError, RunSummary};
 use tokio::sync::{oneshot, watch};
 
@@ -234,7 +234,7 @@ pub fn config(bootstrap: &str, topic: &str, group: &str, sink: SinkSpec) -> RunC
         group_id: group.to_string(),
         kafka_config: fast_group(),
         group_protocol: Default::default(),
-        budget: BudgetSource::Standalone {
+        budget: Budget::Standalone {
             rate: f64::INFINITY,
             in_flight: 16,
         },
@@ -268,8 +268,8 @@ pub struct InProcess {
 impl InProcess {
     pub async fn start(config: RunConfig) -> InProcess {
         let allowance = match config.budget {
-            BudgetSource::Standalone { rate, in_flight } => Allowance::standalone(rate, in_flight),
-            BudgetSource::Leased { .. } => Allowance::PENDING,
+            Budget::Standalone { rate, in_flight } => Allowance::standalone(rate, in_flight),
+            Budget::Leased { .. } => Allowance::PENDING,
         };
         Self::start_with(config, allowance).await
     }
@@ -314,7 +314,7 @@ impl InProcess {
     }
 
     pub fn metrics(&self) -> String {
-        self.handle.shared.metrics.encode()
+        self.handle.status.metrics().encode()
     }
 }
 

@@ -1,22 +1,21 @@
 //! The replica's current allowance (rate and in-flight) and how it reaches the
-//! dispatcher, plus the demand this replica reports to the coordinator.
+//! dispatcher, plus what this replica asks the coordinator for ([`demand`]).
 //!
 //! The allowance arrives on a `watch` channel, from a fixed standalone value or from the
 //! budget client's lease; [`follow`] applies every change to the rate limiter and the
 //! in-flight limit at once. [`demand`] is pure.
 
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::pipeline::Shared;
 use crate::rate::RateLimiter;
+use crate::state::Outlet;
 
 /// Where the current allowance comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AllowanceSource {
+pub enum AllowanceOrigin {
     /// `--rate` / `--max-in-flight`.
     Standalone,
     /// No lease yet: nothing may be delivered.
@@ -27,13 +26,13 @@ pub enum AllowanceSource {
     Fallback,
 }
 
-impl AllowanceSource {
+impl AllowanceOrigin {
     pub fn as_str(self) -> &'static str {
         match self {
-            AllowanceSource::Standalone => "standalone",
-            AllowanceSource::Pending => "pending",
-            AllowanceSource::Granted => "granted",
-            AllowanceSource::Fallback => "fallback",
+            AllowanceOrigin::Standalone => "standalone",
+            AllowanceOrigin::Pending => "pending",
+            AllowanceOrigin::Granted => "granted",
+            AllowanceOrigin::Fallback => "fallback",
         }
     }
 }
@@ -44,7 +43,7 @@ pub struct Allowance {
     /// Messages per second; infinite means unlimited.
     pub rate: f64,
     pub in_flight: u32,
-    pub source: AllowanceSource,
+    pub origin: AllowanceOrigin,
 }
 
 impl Allowance {
@@ -52,55 +51,48 @@ impl Allowance {
         Self {
             rate,
             in_flight,
-            source: AllowanceSource::Standalone,
+            origin: AllowanceOrigin::Standalone,
         }
     }
 
     pub const PENDING: Allowance = Allowance {
         rate: 0.0,
         in_flight: 0,
-        source: AllowanceSource::Pending,
+        origin: AllowanceOrigin::Pending,
     };
 }
 
 /// Applies every allowance change to the limiter and the in-flight limit until the
 /// sender goes away.
-pub async fn follow(
-    mut rx: watch::Receiver<Allowance>,
-    shared: Arc<Shared>,
-    limiter: Arc<RateLimiter>,
-) {
-    let mut last_source = None;
+pub async fn follow(mut rx: watch::Receiver<Allowance>, outlet: Outlet, limiter: Arc<RateLimiter>) {
+    let mut last_origin = None;
     loop {
         let a = *rx.borrow_and_update();
         limiter.set_rate(a.rate);
-        shared
-            .in_flight_limit
-            .store(a.in_flight, AtomicOrdering::Relaxed);
-        let m = &shared.metrics;
+        outlet.set_in_flight_limit(a.in_flight);
+        let m = outlet.metrics();
         m.granted_rate.set(a.rate);
         m.granted_in_flight.set(i64::from(a.in_flight));
         m.fallback
-            .set(i64::from(a.source == AllowanceSource::Fallback));
-        shared.wake.notify_one();
-        // A demand-driven lease can change every refresh: info only when its source
+            .set(i64::from(a.origin == AllowanceOrigin::Fallback));
+        // A demand-driven lease can change every refresh: info only when its origin
         // changes (granted, fallback...), debug otherwise.
-        if last_source != Some(a.source) {
+        if last_origin != Some(a.origin) {
             info!(
                 rate = a.rate,
                 in_flight = a.in_flight,
-                source = a.source.as_str(),
+                origin = a.origin.as_str(),
                 "Allowance applied"
             );
         } else {
             debug!(
                 rate = a.rate,
                 in_flight = a.in_flight,
-                source = a.source.as_str(),
+                origin = a.origin.as_str(),
                 "Allowance applied"
             );
         }
-        last_source = Some(a.source);
+        last_origin = Some(a.origin);
         if rx.changed().await.is_err() {
             return;
         }

@@ -1,5 +1,6 @@
-//! The Kafka source: one OS thread that owns the consumer, polls it, fills the buffer,
-//! pauses and resumes partitions, stores completed offsets and handles rebalances.
+//! The Kafka consumer: one OS thread that owns the consumer, polls it, fills the buffer,
+//! carries out back-pressure (pauses and resumes partitions), stores completed offsets
+//! and handles rebalances.
 //!
 //! Guarantee (at-least-once): an offset is stored only when every message below it in
 //! its partition has been delivered or dead-lettered (see [`crate::offsets`]), and
@@ -12,10 +13,13 @@
 //! here it stalls only this thread, which is exactly what should wait.
 //!
 //! The thread keeps polling while partitions are paused, so heartbeats, rebalances and
-//! `max.poll.interval.ms` are served even when the sink is stalled.
+//! `max.poll.interval.ms` are served even when the sink is stalled. Its loop
+//! ([`PollLoop::run`]) is one short turn: probe the brokers if they were down, store
+//! offsets, step the back-pressure machine ([`crate::backpressure`]) and carry out its
+//! actions, then poll a batch into the buffer. Like Vector's Kafka source, the
+//! consumer's callbacks only record what happened ([`GroupContext`]); the loop decides.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering as AtomicOrdering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,12 +33,13 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext, Message as _};
 use tracing::{debug, info, warn};
 
+use crate::backpressure::{Actions, Backpressure};
 use crate::config::{GroupProtocol, Ordering, RunConfig, SinkSpec};
 use crate::hash::{FxHashMap, FxHashSet};
 use crate::kafka_log::{self, LogThrottle};
 use crate::message::{Message, TopicPartition};
 use crate::metrics::PartitionLabels;
-use crate::pipeline::Shared;
+use crate::state::{Fill, Halted, Intake, Lifecycle};
 
 /// Longest single poll; bounds how late a stop request or a pause is acted on.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -45,9 +50,7 @@ const CLOSE_COMMIT_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest wait for the Kafka thread to commit and close on shutdown: the commit
 /// retries plus librdkafka's own close (leave group, final revoke) with room to spare.
 const CLOSE_WAIT: Duration = Duration::from_secs(CLOSE_COMMIT_DEADLINE.as_secs() + 10);
-/// How long the buffer must stay full before its partitions are paused.
-const PAUSE_AFTER: Duration = Duration::from_millis(250);
-/// Sleep between checks while the buffer is full and not yet paused.
+/// Longest wait for room while holding off (rebalance callbacks wait at most this).
 const FULL_WAIT: Duration = Duration::from_millis(2);
 /// How often stored offsets are pushed to librdkafka. Auto-commit picks them up every
 /// `auto.commit.interval.ms` (5 s by default) anyway, so this only needs to be small
@@ -108,7 +111,7 @@ impl CommitTrigger {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SourceError {
+pub enum ConsumerError {
     #[error("cannot create the Kafka consumer: {0}")]
     CreateConsumer(#[source] KafkaError),
     #[error("cannot subscribe to {topics:?}: {source}")]
@@ -121,17 +124,13 @@ pub enum SourceError {
     Thread(#[source] std::io::Error),
 }
 
-/// Phases of the source, driven by [`Source::stop_fetching`] and [`Source::close`].
-const RUNNING: u8 = 0;
-const DRAINING: u8 = 1;
-const CLOSING: u8 = 2;
-
-/// The consumer context: rebalance callbacks and statistics (lag).
+/// The consumer context: rebalance callbacks and statistics (lag). It records what
+/// happened; the poll loop acts on it.
 #[derive(Debug)]
-pub struct SourceContext {
-    shared: Arc<Shared>,
+pub struct GroupContext {
+    intake: Intake,
+    /// How long a revoke waits for the revoked partitions' in-flight work.
     revoke_deadline: Duration,
-    phase: Arc<AtomicU8>,
     /// Set after an assignment change, so the poll loop re-applies a pause.
     assignment_changed: AtomicBool,
     /// Repeats of librdkafka's warnings held back (see [`crate::kafka_log`]).
@@ -141,12 +140,12 @@ pub struct SourceContext {
     classic: bool,
 }
 
-impl ClientContext for SourceContext {
+impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        self.shared.metrics.kafka_errors.inc();
+        self.intake.metrics().kafka_errors.inc();
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             // Cleared by the poll loop once a metadata request is answered.
-            self.shared.set_brokers_down(true);
+            self.intake.set_brokers_down(true);
         } else {
             warn!(target: "librdkafka", error = %error, reason, "Kafka client error");
         }
@@ -168,22 +167,22 @@ impl ClientContext for SourceContext {
                     partition: p.to_string(),
                 };
                 if part.consumer_lag >= 0 {
-                    self.shared
-                        .metrics
+                    self.intake
+                        .metrics()
                         .lag
                         .get_or_create(&labels)
                         .set(part.consumer_lag);
                 } else {
-                    self.shared.metrics.lag.remove(&labels);
+                    self.intake.metrics().lag.remove(&labels);
                 }
             }
         }
     }
 }
 
-impl SourceContext {
+impl GroupContext {
     /// The group's state and every assigned partition librdkafka is not actively
-    /// fetching, for [`Shared::describe`]: a partition assigned here but never fetched
+    /// fetching, for [`crate::state::Status::describe`]: a partition assigned here but never fetched
     /// shows its fetch state (`offset-query`, `none`, ...).
     fn record_view(&self, stats: &Statistics) {
         let mut view = match &stats.cgrp {
@@ -193,7 +192,7 @@ impl SourceContext {
             ),
             None => "no group".to_string(),
         };
-        let assigned: Vec<TopicPartition> = self.shared.lock().assigned.keys().cloned().collect();
+        let assigned = self.intake.assigned();
         for tp in assigned {
             let state = stats
                 .topics
@@ -204,15 +203,15 @@ impl SourceContext {
                 view.push_str(&format!(" {tp}:{state}"));
             }
         }
-        self.shared.set_kafka_view(view);
+        self.intake.set_kafka_view(view);
     }
 }
 
-impl ConsumerContext for SourceContext {
+impl ConsumerContext for GroupContext {
     fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
         if let Err(e) = result {
             if is_rebalancing(&e) {
-                self.shared.set_commits_refused(true);
+                self.intake.set_commits_refused(true);
             }
             debug!(error = %e, "Commit refused");
         }
@@ -222,13 +221,9 @@ impl ConsumerContext for SourceContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let tps = to_tps(tpl);
-                // While closing, in-flight work was already waited for (grace period).
-                let deadline = if self.phase.load(AtomicOrdering::Relaxed) == CLOSING {
-                    Duration::ZERO
-                } else {
-                    self.revoke_deadline
-                };
-                let offsets = self.shared.revoke(&tps, deadline);
+                // While closing, in-flight work was already waited for (grace period):
+                // the revoke does not wait again.
+                let offsets = self.intake.revoke(&tps, self.revoke_deadline);
                 commit(consumer, &offsets, "revoke");
                 info!(
                     partitions = %list(&tps),
@@ -238,16 +233,11 @@ impl ConsumerContext for SourceContext {
             }
             Rebalance::Assign(tpl) => {
                 let tps = to_tps(tpl);
-                let mut core = self.shared.lock();
-                for tp in &tps {
-                    core.assign(tp.clone());
-                }
-                drop(core);
-                self.shared.joined.store(true, AtomicOrdering::Relaxed);
+                self.intake.assign(&tps);
                 info!(partitions = %list(&tps), "Partitions assigned");
             }
             Rebalance::Error(e) => {
-                self.shared.metrics.kafka_errors.inc();
+                self.intake.metrics().kafka_errors.inc();
                 warn!(error = %e, "Rebalance error");
             }
         }
@@ -255,9 +245,9 @@ impl ConsumerContext for SourceContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.assignment_changed.store(true, AtomicOrdering::Relaxed);
-        self.shared.set_commits_refused(false);
+        self.intake.set_commits_refused(false);
         let n = consumer.assignment().map_or(0, |a| a.count());
-        self.shared.metrics.assigned_partitions.set(n as i64);
+        self.intake.metrics().assigned_partitions.set(n as i64);
     }
 }
 
@@ -313,7 +303,7 @@ fn to_tpl(offsets: &[(TopicPartition, i64)]) -> TopicPartitionList {
 /// this callback returns. Had only the commit carried the new offset, that later commit
 /// would put the older stored one back (seen under KIP-848 on Apache Kafka: the next
 /// owner re-delivered what this replica had just committed).
-fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i64)], why: &str) {
+fn commit(consumer: &BaseConsumer<GroupContext>, offsets: &[(TopicPartition, i64)], why: &str) {
     if offsets.is_empty() {
         return;
     }
@@ -328,87 +318,82 @@ fn commit(consumer: &BaseConsumer<SourceContext>, offsets: &[(TopicPartition, i6
 
 /// A synchronous commit of every assigned partition's committable offset, while the
 /// group refused commits: accepted, dispatching resumes.
-fn try_commit(consumer: &BaseConsumer<SourceContext>, shared: &Shared) {
-    let offsets = shared.assigned_committable();
+fn try_commit(consumer: &BaseConsumer<GroupContext>, intake: &Intake) {
+    let offsets = intake.assigned_committable();
     let tpl = to_tpl(&offsets);
     let _ = consumer.store_offsets(&tpl);
     match consumer.commit(&tpl, CommitMode::Sync) {
-        Ok(()) => shared.set_commits_refused(false),
+        Ok(()) => intake.set_commits_refused(false),
         Err(e) if is_rebalancing(&e) => debug!(error = %e, "Commit still refused"),
         // Anything else (nothing to commit, say) says the rebalance is not in the way.
         Err(e) => {
             debug!(error = %e, "Commit while refused");
-            shared.set_commits_refused(false);
+            intake.set_commits_refused(false);
         }
     }
 }
 
 /// Handle to the Kafka thread.
 #[derive(Debug)]
-pub struct Source {
-    phase: Arc<AtomicU8>,
+pub struct KafkaConsumer {
+    intake: Intake,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Source {
+impl KafkaConsumer {
     /// Creates the consumer, subscribes and starts the thread.
-    pub fn start(config: &RunConfig, shared: Arc<Shared>) -> Result<Source, SourceError> {
-        let phase = Arc::new(AtomicU8::new(RUNNING));
-        let context = SourceContext {
-            shared: shared.clone(),
+    pub fn start(config: &RunConfig, intake: Intake) -> Result<KafkaConsumer, ConsumerError> {
+        let context = GroupContext {
+            intake: intake.clone(),
             revoke_deadline: config.shutdown_grace,
-            phase: phase.clone(),
             assignment_changed: AtomicBool::new(false),
             log_throttle: Default::default(),
             classic: config.group_protocol == GroupProtocol::Classic,
         };
-        let consumer: BaseConsumer<SourceContext> = consumer_config(config)
+        let consumer: BaseConsumer<GroupContext> = consumer_config(config)
             .create_with_context(context)
-            .map_err(SourceError::CreateConsumer)?;
+            .map_err(ConsumerError::CreateConsumer)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
-            .map_err(|source| SourceError::Subscribe {
+            .map_err(|source| ConsumerError::Subscribe {
                 topics: config.topics.clone(),
                 source,
             })?;
-        let thread_phase = phase.clone();
-        let copy_metadata = forwards_metadata(config);
-        let trigger = CommitTrigger::new(config.buffer_messages);
-        let hold_partitions = config.ordering == Ordering::Partition;
-        let probe_topic = config.topics[0].clone();
+        let poll_loop = PollLoop {
+            consumer,
+            intake: intake.clone(),
+            backpressure: Backpressure::new(),
+            held: FxHashSet::default(),
+            hold_partitions: config.ordering == Ordering::Partition,
+            copy_metadata: forwards_metadata(config),
+            topics: FxHashMap::default(),
+            headers: Vec::with_capacity(MAX_BATCH),
+            batch: Vec::with_capacity(MAX_BATCH),
+            trigger: CommitTrigger::new(config.buffer_messages),
+            probe_topic: config.topics[0].clone(),
+            last_store: Instant::now(),
+            last_probe: Instant::now(),
+            last_commit_try: Instant::now(),
+        };
         let thread = std::thread::Builder::new()
             .name("pacer-kafka".into())
-            .spawn(move || {
-                poll_loop(
-                    consumer,
-                    shared,
-                    thread_phase,
-                    copy_metadata,
-                    trigger,
-                    hold_partitions,
-                    probe_topic,
-                )
-            })
-            .map_err(SourceError::Thread)?;
-        Ok(Source {
-            phase,
+            .spawn(move || poll_loop.run())
+            .map_err(ConsumerError::Thread)?;
+        Ok(KafkaConsumer {
+            intake,
             thread: Some(thread),
         })
     }
 
-    /// Stops fetching (pauses every partition); the thread keeps serving the group.
-    pub fn stop_fetching(&self) {
-        self.phase.store(DRAINING, AtomicOrdering::Relaxed);
-    }
-
-    /// Commits what is complete, leaves the group and ends the thread (blocking, for
-    /// at most [`CLOSE_WAIT`]). librdkafka's close can block for as long as the group
-    /// coordinator is unreachable (seen with the broker gone mid-shutdown); shutdown
-    /// must stay bounded, so past the deadline the thread is left to finish on its own
-    /// (the process exits over it) and what it did not commit is re-delivered.
-    pub fn close(mut self) {
-        self.phase.store(CLOSING, AtomicOrdering::Relaxed);
+    /// The last step of shutdown: commits what is complete, leaves the group and ends
+    /// the thread (blocking, for at most [`CLOSE_WAIT`]). librdkafka's close can block
+    /// for as long as the group coordinator is unreachable (seen with the broker gone
+    /// mid-shutdown); shutdown must stay bounded, so past the deadline the thread is
+    /// left to finish on its own (the process exits over it) and what it did not commit
+    /// is re-delivered.
+    pub fn close(mut self, halted: Halted) {
+        halted.close();
         if let Some(t) = self.thread.take() {
             let deadline = Instant::now() + CLOSE_WAIT;
             while !t.is_finished() && Instant::now() < deadline {
@@ -426,9 +411,12 @@ impl Source {
     }
 }
 
-impl Drop for Source {
+impl Drop for KafkaConsumer {
+    /// Not closed through shutdown (the replica failed to start): the thread ends.
     fn drop(&mut self) {
-        self.phase.store(CLOSING, AtomicOrdering::Relaxed);
+        if self.thread.is_some() {
+            self.intake.abort();
+        }
     }
 }
 
@@ -479,178 +467,168 @@ fn forwards_metadata(config: &RunConfig) -> bool {
         || matches!(config.sink, SinkSpec::Http(_) | SinkSpec::Kafka(_))
 }
 
-fn poll_loop(
-    consumer: BaseConsumer<SourceContext>,
-    shared: Arc<Shared>,
-    phase: Arc<AtomicU8>,
-    copy_metadata: bool,
-    mut trigger: CommitTrigger,
+/// The Kafka thread's loop and what it keeps between turns.
+struct PollLoop {
+    consumer: BaseConsumer<GroupContext>,
+    intake: Intake,
+    backpressure: Backpressure,
+    /// With `partition` ordering: partitions paused one by one because they have their
+    /// share of the buffer (see `Buffer::holds`).
+    held: FxHashSet<TopicPartition>,
     hold_partitions: bool,
+    /// Whether to copy Kafka headers and timestamps (see [`forwards_metadata`]).
+    copy_metadata: bool,
+    /// Interned topic names.
+    topics: FxHashMap<String, &'static str>,
+    /// Reused across polls: each polled record's headers, and the owned batch.
+    headers: Vec<RecordHeaders>,
+    batch: Vec<Message>,
+    trigger: CommitTrigger,
     probe_topic: String,
-) {
-    // With `partition` ordering: partitions paused one by one because they have their
-    // share of the buffer (see `Buffer::holds`).
-    let mut held: FxHashSet<TopicPartition> = FxHashSet::default();
-    let mut topics: FxHashMap<String, &'static str> = FxHashMap::default();
-    let mut paused = false;
-    let mut last_store = Instant::now();
-    let mut last_probe = Instant::now();
-    let mut last_commit_try = Instant::now();
-    let mut batch: Vec<Message> = Vec::with_capacity(MAX_BATCH);
-    let mut holding_since: Option<Instant> = None;
-    // Reused across polls (one allocation, not one per poll batch).
-    let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(MAX_BATCH);
-    // The Kafka headers of each message in `borrowed`.
-    let mut headers: Vec<RecordHeaders> = Vec::with_capacity(MAX_BATCH);
-    // Set when the buffer is full, cleared at the refill mark: no polling for messages
-    // in between.
-    let mut holding = false;
-    loop {
-        let p = phase.load(AtomicOrdering::Relaxed);
-        if p == CLOSING {
-            break;
-        }
-        if last_probe.elapsed() >= BROKER_PROBE_EVERY && shared.lock().brokers_down {
-            last_probe = Instant::now();
-            if consumer
-                .fetch_metadata(Some(&probe_topic), BROKER_PROBE_TIMEOUT)
-                .is_ok()
-            {
-                shared.set_brokers_down(false);
-            }
-        }
-        if last_store.elapsed() >= STORE_EVERY {
-            store(&consumer, &shared, &mut trigger);
-            last_store = Instant::now();
-            if shared.lock().commits_refused {
-                // Is the rebalance over? A commit of what is complete tells, and records
-                // it as soon as it can be.
-                if last_store.duration_since(last_commit_try) >= COMMIT_RETRY_EVERY {
-                    last_commit_try = last_store;
-                    try_commit(&consumer, &shared);
-                }
-            } else if trigger.due(last_store) {
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
-                    debug!(error = %e, "Early commit");
-                }
-            }
-        }
-        // Back-pressure. A full buffer first stops polling for messages until it drains
-        // to the refill mark (the dispatcher usually frees room within milliseconds);
-        // only when that holding lasts PAUSE_AFTER are the partitions paused, because
-        // every pause/resume cycle discards librdkafka's prefetch and costs a fetch
-        // round trip (pausing at once capped a null sink at ~1,200 msg/s in the debug
-        // build). Holding, not fullness, starts the clock: a stalled sink leaves the
-        // buffer just below full (its in-flight messages were taken out after it
-        // filled), and timing fullness then never paused at all.
-        let (full, low, refill, room, byte_room, share) = {
-            let core = shared.lock();
-            (
-                core.buffer.is_full(),
-                core.buffer.below_low_water(),
-                core.buffer.below_refill_mark(),
-                core.buffer.room(),
-                core.buffer.byte_room(),
-                // A partition's share of the buffer (see `Buffer::holds`).
-                (core.buffer.max_messages() / core.assigned.len().max(1)).max(1),
-            )
-        };
-        if full {
-            holding = true;
-        }
-        if refill {
-            holding = false;
-        }
-        if holding {
-            holding_since.get_or_insert_with(Instant::now);
-        } else {
-            holding_since = None;
-        }
-        let stalled = holding_since.is_some_and(|t| t.elapsed() >= PAUSE_AFTER);
-        let changed = consumer
-            .context()
-            .assignment_changed
-            .swap(false, AtomicOrdering::Relaxed);
-        if changed && !held.is_empty() {
-            let core = shared.lock();
-            held.retain(|tp| core.assigned.contains_key(tp));
-        }
-        let want_paused = p == DRAINING || stalled || (paused && !low);
-        if want_paused && (!paused || changed) {
-            set_paused(&consumer, &shared, true);
-            paused = true;
-        } else if !want_paused && (paused || changed) {
-            // After an assignment change too: a partition assigned again can still carry
-            // the pause it had when it was revoked (librdkafka keeps a partition's pause
-            // across revoke and re-assign under KIP-848: it was never fetched again).
-            set_paused(&consumer, &shared, false);
-            paused = false;
-            // Resuming everything resumed the held partitions too.
-            pause_some(&consumer, &held, true);
-            shared.metrics.paused_partitions.set(held.len() as i64);
-        }
-        if hold_partitions && !paused {
-            let (hold, release) = {
-                let core = shared.lock();
-                core.buffer
-                    .holds(share, &held, |tp| core.assigned.contains_key(tp))
-            };
-            if !hold.is_empty() || !release.is_empty() {
-                pause_some(&consumer, &hold, true);
-                pause_some(&consumer, &release, false);
-                held.extend(hold);
-                for tp in &release {
-                    held.remove(tp);
-                }
-                shared.metrics.paused_partitions.set(held.len() as i64);
-            }
-        }
-        if holding && !paused {
-            // After the buffer was full, wait until it drained to the refill mark
-            // without taking messages (the dispatcher and workers signal `room`);
-            // rebalance callbacks wait at most FULL_WAIT.
-            let core = shared.lock();
-            if !core.buffer.below_refill_mark() {
-                let _ = shared.room.wait_timeout(core, FULL_WAIT);
-            }
-            continue;
-        }
+    last_store: Instant,
+    last_probe: Instant,
+    last_commit_try: Instant,
+}
 
-        // Poll a batch: the first poll waits, the rest take what is already fetched.
-        // The batch ends at the message room or once its bytes reach the byte room, so
-        // the buffer goes over `buffer_bytes` by less than one message (without the
-        // byte check, one batch of 64 KiB messages filled a 512 KiB buffer to 1.9 MB).
-        // With holds, a batch takes at most one partition's share: librdkafka hands
-        // over long runs of one partition, and a batch the size of the buffer would
-        // fill it with that partition before it could be held.
-        let limit = if hold_partitions {
-            room.min(share).clamp(1, MAX_BATCH)
+impl PollLoop {
+    fn run(mut self) {
+        loop {
+            let fill = self.intake.fill();
+            if fill.lifecycle == Lifecycle::Closing {
+                break;
+            }
+            self.probe_brokers();
+            self.store_offsets();
+            let changed = self
+                .consumer
+                .context()
+                .assignment_changed
+                .swap(false, AtomicOrdering::Relaxed);
+            let draining = fill.lifecycle >= Lifecycle::Draining;
+            let actions = self
+                .backpressure
+                .step(fill.level, draining, changed, Instant::now());
+            self.apply(actions, changed, fill.share);
+            if actions.wait_for_room {
+                // Without taking messages; rebalance callbacks wait at most FULL_WAIT.
+                self.intake.wait_for_room(FULL_WAIT);
+                continue;
+            }
+            self.poll_batch(&fill);
+        }
+        self.close();
+    }
+
+    /// While no broker answers, asks for metadata every [`BROKER_PROBE_EVERY`] to learn
+    /// that one is back.
+    fn probe_brokers(&mut self) {
+        if self.last_probe.elapsed() < BROKER_PROBE_EVERY || !self.intake.brokers_down() {
+            return;
+        }
+        self.last_probe = Instant::now();
+        if self
+            .consumer
+            .fetch_metadata(Some(&self.probe_topic), BROKER_PROBE_TIMEOUT)
+            .is_ok()
+        {
+            self.intake.set_brokers_down(false);
+        }
+    }
+
+    /// Every [`STORE_EVERY`]: stores the offsets that advanced; while the group refuses
+    /// commits, tries one (is the rebalance over?); otherwise commits early when half a
+    /// buffer completed (see [`CommitTrigger`]).
+    fn store_offsets(&mut self) {
+        if self.last_store.elapsed() < STORE_EVERY {
+            return;
+        }
+        store(&self.consumer, &self.intake, &mut self.trigger);
+        self.last_store = Instant::now();
+        if self.intake.commits_refused() {
+            if self.last_store.duration_since(self.last_commit_try) >= COMMIT_RETRY_EVERY {
+                self.last_commit_try = self.last_store;
+                try_commit(&self.consumer, &self.intake);
+            }
+        } else if self.trigger.due(self.last_store) {
+            if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Async) {
+                debug!(error = %e, "Early commit");
+            }
+        }
+    }
+
+    /// Carries out the back-pressure machine's actions on the consumer.
+    fn apply(&mut self, actions: Actions, changed: bool, share: usize) {
+        if changed && !self.held.is_empty() {
+            self.intake.retain_assigned(&mut self.held);
+        }
+        match actions.pause_all {
+            Some(true) => set_paused(&self.consumer, &self.intake, true),
+            Some(false) => {
+                set_paused(&self.consumer, &self.intake, false);
+                // Resuming everything resumed the held partitions too.
+                pause_some(&self.consumer, &self.held, true);
+                self.intake.set_paused_partitions(self.held.len());
+            }
+            None => {}
+        }
+        if self.hold_partitions && actions.update_holds {
+            self.update_holds(share);
+        }
+    }
+
+    /// With `partition` ordering: holds the partitions that have their share of the
+    /// buffer and releases those down to half of it (see `Buffer::holds`).
+    fn update_holds(&mut self, share: usize) {
+        let (hold, release) = self.intake.holds(share, &self.held);
+        if hold.is_empty() && release.is_empty() {
+            return;
+        }
+        pause_some(&self.consumer, &hold, true);
+        pause_some(&self.consumer, &release, false);
+        self.held.extend(hold);
+        for tp in &release {
+            self.held.remove(tp);
+        }
+        self.intake.set_paused_partitions(self.held.len());
+    }
+
+    /// Polls a batch and hands it to the buffer: the first poll waits, the rest take
+    /// what is already fetched. The batch ends at the message room or once its bytes
+    /// reach the byte room, so the buffer goes over `buffer_bytes` by less than one
+    /// message (without the byte check, one batch of 64 KiB messages filled a 512 KiB
+    /// buffer to 1.9 MB). With holds, a batch takes at most one partition's share:
+    /// librdkafka hands over long runs of one partition, and a batch the size of the
+    /// buffer would fill it with that partition before it could be held.
+    fn poll_batch(&mut self, fill: &Fill) {
+        let room = if self.hold_partitions {
+            fill.room.min(fill.share)
         } else {
-            room.clamp(1, MAX_BATCH)
+            fill.room
         };
+        let limit = room.clamp(1, MAX_BATCH);
+        let mut borrowed: Vec<BorrowedMessage<'_>> = Vec::with_capacity(limit);
         let mut timeout = POLL_TIMEOUT;
         let mut batch_bytes = 0;
-        borrowed.clear();
-        headers.clear();
+        self.headers.clear();
         while borrowed.len() < limit {
-            match consumer.poll(timeout) {
+            match self.consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     // Parsed once here: librdkafka re-parses a record's header block
                     // on every call when it holds no header.
-                    let h = if copy_metadata {
+                    let h = if self.copy_metadata {
                         read_headers(&m)
                     } else {
                         Vec::new()
                     };
                     batch_bytes += m.key_len() + m.payload_len() + headers_size(&h);
-                    headers.push(h);
+                    self.headers.push(h);
                     borrowed.push(m);
-                    if batch_bytes >= byte_room {
+                    if batch_bytes >= fill.byte_room {
                         break;
                     }
                 }
                 Some(Err(e)) => {
-                    shared.metrics.kafka_errors.inc();
+                    self.intake.metrics().kafka_errors.inc();
                     warn!(error = %e, "Kafka consumer error");
                     break;
                 }
@@ -660,44 +638,53 @@ fn poll_loop(
         }
         owned_batch(
             &borrowed,
-            &mut headers,
-            copy_metadata,
-            &mut topics,
-            &mut batch,
+            &mut self.headers,
+            self.copy_metadata,
+            &mut self.topics,
+            &mut self.batch,
         );
         // Released to librdkafka before the buffer lock is taken.
-        borrowed.clear();
-        if batch.is_empty() {
-            continue;
+        drop(borrowed);
+        if self.batch.is_empty() {
+            return;
         }
-        if p != RUNNING {
+        if fill.lifecycle != Lifecycle::Running {
             // Fetched before the pause took effect: not processed, not committed.
-            batch.clear();
-            continue;
+            self.batch.clear();
+            return;
         }
-        let n = batch.len() as u64;
-        let mut core = shared.lock();
-        core.push_batch(&mut batch);
-        // Under the lock, so a concurrent pop cannot be overwritten by a stale value.
-        shared.metrics.buffer_messages.set(core.buffer.len() as i64);
-        shared.metrics.buffer_bytes.set(core.buffer.bytes() as i64);
-        drop(core);
-        shared.metrics.consumed.inc_by(n);
-        shared.arrivals.fetch_add(n, AtomicOrdering::Relaxed);
-        shared.wake.notify_one();
+        self.intake.push_batch(&mut self.batch);
     }
-    // Closing: store and commit what is complete, then leave the group (drop). While
-    // another member's join or leave is rebalancing the group, the commit is refused
-    // (RebalanceInProgress, IllegalGeneration); keep serving the group (partitions are
-    // paused, so nothing new arrives) and retry until it settles or the deadline passes.
-    store(&consumer, &shared, &mut trigger);
+
+    /// Closing: stores and commits what is complete, then leaves the group (the
+    /// consumer's drop).
+    fn close(mut self) {
+        store(&self.consumer, &self.intake, &mut self.trigger);
+        commit_on_close(&self.consumer, &self.intake);
+        if leave_explicitly(
+            self.consumer.context().classic,
+            self.consumer.assignment().ok().map(|a| a.count()),
+        ) {
+            info!("No partitions assigned: unsubscribing so that the close leaves the group");
+            self.consumer.unsubscribe();
+        }
+        // Dropping closes the consumer: it leaves the group (so others take over at
+        // once), serving the final revoke callback on the way.
+    }
+}
+
+/// The commit on shutdown. While another member's join or leave is rebalancing the
+/// group, the commit is refused (RebalanceInProgress, IllegalGeneration); keep serving
+/// the group (partitions are paused, so nothing new arrives) and retry until it settles
+/// or [`CLOSE_COMMIT_DEADLINE`] passes.
+fn commit_on_close(consumer: &BaseConsumer<GroupContext>, intake: &Intake) {
     let deadline = Instant::now() + CLOSE_COMMIT_DEADLINE;
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let offsets = shared.assigned_committable();
+        let offsets = intake.assigned_committable();
         if offsets.is_empty() {
-            break;
+            return;
         }
         let tpl = to_tpl(&offsets);
         // Stored too, for the same reason as in `commit`.
@@ -708,7 +695,7 @@ fn poll_loop(
                     partitions = offsets.len(),
                     attempts, "Committed on shutdown; leaving the group"
                 );
-                break;
+                return;
             }
             Err(e) if Instant::now() < deadline => {
                 debug!(error = %e, attempts, "Commit on shutdown refused; serving the group and retrying");
@@ -717,21 +704,10 @@ fn poll_loop(
             }
             Err(e) => {
                 warn!(error = %e, attempts, "Could not commit on shutdown; the next owner re-delivers from the last commit");
-                break;
+                return;
             }
         }
     }
-    drop(borrowed);
-    if leave_explicitly(
-        consumer.context().classic,
-        consumer.assignment().ok().map(|a| a.count()),
-    ) {
-        info!("No partitions assigned: unsubscribing so that the close leaves the group");
-        consumer.unsubscribe();
-    }
-    // Dropping closes the consumer: it leaves the group (so others take over at once),
-    // serving the final revoke callback on the way.
-    drop(consumer);
 }
 
 /// Whether to unsubscribe before closing the consumer, given the protocol and the
@@ -751,14 +727,11 @@ fn leave_explicitly(classic: bool, assigned: Option<usize>) -> bool {
     classic && assigned == Some(0)
 }
 
-fn store(consumer: &BaseConsumer<SourceContext>, shared: &Shared, trigger: &mut CommitTrigger) {
-    let pending: Vec<(TopicPartition, i64)> = {
-        let mut core = shared.lock();
-        if core.to_store.is_empty() {
-            return;
-        }
-        core.to_store.drain().collect()
-    };
+fn store(consumer: &BaseConsumer<GroupContext>, intake: &Intake, trigger: &mut CommitTrigger) {
+    let pending = intake.take_to_store();
+    if pending.is_empty() {
+        return;
+    }
     if let Err(e) = consumer.store_offsets(&to_tpl(&pending)) {
         // Partitions revoked meanwhile refuse the store; their offsets were committed
         // by the revoke callback.
@@ -770,7 +743,7 @@ fn store(consumer: &BaseConsumer<SourceContext>, shared: &Shared, trigger: &mut 
 /// Pauses (or resumes) some partitions; errors (a partition revoked meanwhile) are
 /// logged only.
 fn pause_some<'a>(
-    consumer: &BaseConsumer<SourceContext>,
+    consumer: &BaseConsumer<GroupContext>,
     tps: impl IntoIterator<Item = &'a TopicPartition>,
     pause: bool,
 ) {
@@ -788,7 +761,7 @@ fn pause_some<'a>(
 }
 
 fn pause_or_resume(
-    consumer: &BaseConsumer<SourceContext>,
+    consumer: &BaseConsumer<GroupContext>,
     tpl: &TopicPartitionList,
     pause: bool,
 ) -> rdkafka::error::KafkaResult<()> {
@@ -799,14 +772,14 @@ fn pause_or_resume(
     }
 }
 
-fn set_paused(consumer: &BaseConsumer<SourceContext>, shared: &Shared, pause: bool) {
+fn set_paused(consumer: &BaseConsumer<GroupContext>, intake: &Intake, pause: bool) {
     let Ok(assignment) = consumer.assignment() else {
         return;
     };
     match pause_or_resume(consumer, &assignment, pause) {
         Ok(()) => {
             let n = if pause { assignment.count() } else { 0 };
-            shared.metrics.paused_partitions.set(n as i64);
+            intake.set_paused_partitions(n);
             debug!(
                 partitions = assignment.count(),
                 pause, "Partitions paused/resumed"

@@ -1,37 +1,38 @@
-//! The leased allowance: the budget client's lease turned into an [`Allowance`], and
-//! this replica's demand fed back to it.
+//! The allowance leased from the fleet's coordinator: the budget client's lease turned
+//! into an [`Allowance`], and this replica's demand fed back to it.
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pacer_budget::client::{self, ClientConfig, Demand, Lease, LeaseHandle, LeaseSource};
+use pacer_budget::client::{self, ClientConfig, Demand, Lease, LeaseHandle, LeaseOrigin};
 use pacer_budget::Share;
 use tokio::sync::watch;
 
-use crate::lease::{demand, Allowance, AllowanceSource};
+use crate::allowance::{demand, Allowance, AllowanceOrigin};
 use crate::metrics::{OutcomeLabels, ResultLabels};
-use crate::pipeline::Shared;
+use crate::state::Status;
 use crate::DEMAND_EVERY;
 
 /// A running budget client plus the channels around it.
-pub struct Leased {
+pub struct BudgetLease {
     handle: LeaseHandle,
     demand: watch::Sender<Demand>,
     allowance: watch::Receiver<Allowance>,
 }
 
-impl std::fmt::Debug for Leased {
+impl std::fmt::Debug for BudgetLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leased")
+        f.debug_struct("BudgetLease")
             .field("allowance", &*self.allowance.borrow())
             .finish()
     }
 }
 
-/// The demand side, handed to [`report_demand`].
+/// Where [`report_demand`] sends this replica's demand (to the budget client), and
+/// the client's refresh counters it mirrors into the metrics.
 #[derive(Debug, Clone)]
-pub struct DemandSink {
+pub struct DemandReporter {
     demand: watch::Sender<Demand>,
     stats: Arc<client::ClientStats>,
 }
@@ -39,21 +40,21 @@ pub struct DemandSink {
 /// Maps the client's lease to an allowance. A lease that has not arrived yet is
 /// `Pending` (nothing is delivered until the coordinator answers).
 pub fn to_allowance(lease: &Lease) -> Allowance {
-    let source = match lease.source {
-        LeaseSource::None => AllowanceSource::Pending,
-        LeaseSource::Granted => AllowanceSource::Granted,
-        LeaseSource::Fallback => AllowanceSource::Fallback,
+    let origin = match lease.origin {
+        LeaseOrigin::None => AllowanceOrigin::Pending,
+        LeaseOrigin::Granted => AllowanceOrigin::Granted,
+        LeaseOrigin::Fallback => AllowanceOrigin::Fallback,
     };
     Allowance {
         rate: lease.share.rate.max(0.0),
         in_flight: lease.share.in_flight,
-        source,
+        origin,
     }
 }
 
-impl Leased {
+impl BudgetLease {
     /// Starts the budget client on the current runtime.
-    pub fn start(config: ClientConfig) -> Leased {
+    pub fn start(config: ClientConfig) -> BudgetLease {
         let (demand_tx, demand_rx) = watch::channel(Demand {
             demand: Share {
                 rate: 1.0,
@@ -74,7 +75,7 @@ impl Leased {
                 });
             }
         });
-        Leased {
+        BudgetLease {
             handle,
             demand: demand_tx,
             allowance: rx,
@@ -85,8 +86,8 @@ impl Leased {
         self.allowance.clone()
     }
 
-    pub fn clone_demand(&self) -> DemandSink {
-        DemandSink {
+    pub fn demand_reporter(&self) -> DemandReporter {
+        DemandReporter {
             demand: self.demand.clone(),
             stats: self.handle.stats(),
         }
@@ -126,17 +127,60 @@ impl Smoothed {
 
 /// Messages this replica finished (acknowledged by the sink or written to the
 /// dead-letter topic) so far.
-fn processed(shared: &Shared) -> u64 {
+fn processed(status: &Status) -> u64 {
     ["acked", "dead_lettered"]
         .into_iter()
         .map(|outcome| {
-            shared
-                .metrics
+            status
+                .metrics()
                 .messages
                 .get_or_create(&OutcomeLabels { outcome })
                 .get()
         })
         .sum()
+}
+
+/// What the demand is computed from, between two reports.
+#[derive(Debug)]
+struct DemandEstimate {
+    processed: Smoothed,
+    arrivals: Smoothed,
+    /// Sink latency sum (microseconds) and count at the last report.
+    latency: (u64, u64),
+    at: Instant,
+}
+
+impl DemandEstimate {
+    fn new(status: &Status) -> Self {
+        Self {
+            processed: Smoothed::new(processed(status)),
+            arrivals: Smoothed::new(status.arrivals()),
+            latency: (0, 0),
+            at: Instant::now(),
+        }
+    }
+
+    /// This replica's demand now, and the rate it processed (smoothed).
+    fn update(&mut self, status: &Status) -> Demand {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64().max(1e-3);
+        self.at = now;
+        // Smoothed over a few seconds so one quiet second does not drop the share.
+        let arrival_rate = self.arrivals.update(status.arrivals(), dt);
+        let processed_rate = self.processed.update(processed(status), dt);
+        let latency = status.latency_sum();
+        let mean_latency = if latency.1 > self.latency.1 {
+            (latency.0 - self.latency.0) as f64 / 1e6 / (latency.1 - self.latency.1) as f64
+        } else {
+            0.0
+        };
+        self.latency = latency;
+        let (rate, in_flight) = demand(status.has_backlog(), arrival_rate, mean_latency);
+        Demand {
+            demand: Share { rate, in_flight },
+            observed_rate: Some(processed_rate),
+        }
+    }
 }
 
 /// Every [`DEMAND_EVERY`], recomputes what this replica could use and what it processed,
@@ -149,55 +193,22 @@ fn processed(shared: &Shared) -> u64 {
 /// buffer-full at once and then nothing while it works through it, so its fetch rate
 /// swings between 0 and thousands (the status showed 0.007 msg/s for a fleet processing
 /// 200 msg/s).
-pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
-    let mut processed_rate = Smoothed::new(processed(&shared));
-    let mut last_arrivals = shared.arrivals.load(AtomicOrdering::Relaxed);
-    let mut last_latency = (0u64, 0u64);
-    let mut last_at = Instant::now();
-    let mut rate_ewma = 0.0f64;
+pub async fn report_demand(status: Status, reporter: DemandReporter) {
+    let mut estimate = DemandEstimate::new(&status);
     let mut refreshes = (0u64, 0u64);
     let mut tick = tokio::time::interval(DEMAND_EVERY);
     loop {
         tick.tick().await;
-        let now = Instant::now();
-        let dt = now.duration_since(last_at).as_secs_f64().max(1e-3);
-        last_at = now;
-        let arrivals = shared.arrivals.load(AtomicOrdering::Relaxed);
-        let rate = (arrivals - last_arrivals) as f64 / dt;
-        last_arrivals = arrivals;
-        // Smooth over a few seconds so one quiet second does not drop the share.
-        rate_ewma = 0.7 * rate_ewma + 0.3 * rate;
-        let processed_ewma = processed_rate.update(processed(&shared), dt);
-        let lat = (
-            shared.latency_us.load(AtomicOrdering::Relaxed),
-            shared.latency_count.load(AtomicOrdering::Relaxed),
-        );
-        let mean_latency = if lat.1 > last_latency.1 {
-            (lat.0 - last_latency.0) as f64 / 1e6 / (lat.1 - last_latency.1) as f64
-        } else {
-            0.0
-        };
-        last_latency = lat;
-        let backlog = {
-            let core = shared.lock();
-            !core.buffer.is_empty()
-        } || shared.metrics.paused_partitions.get() > 0;
-        let (d_rate, d_in_flight) = demand(backlog, rate_ewma, mean_latency);
-        let sent = sink.demand.send(Demand {
-            demand: Share {
-                rate: d_rate,
-                in_flight: d_in_flight,
-            },
-            observed_rate: Some(processed_ewma),
-        });
+        let sent = reporter.demand.send(estimate.update(&status));
         // Mirror the client's totals into counters (by their increase since last time).
-        let m = &shared.metrics;
         for (result, total, seen) in [
-            ("ok", &sink.stats.refresh_ok, &mut refreshes.0),
-            ("error", &sink.stats.refresh_error, &mut refreshes.1),
+            ("ok", &reporter.stats.refresh_ok, &mut refreshes.0),
+            ("error", &reporter.stats.refresh_error, &mut refreshes.1),
         ] {
             let now = total.load(AtomicOrdering::Relaxed);
-            m.lease_refreshes
+            status
+                .metrics()
+                .lease_refreshes
                 .get_or_create(&ResultLabels { result })
                 .inc_by(now.saturating_sub(*seen));
             *seen = now;
@@ -212,10 +223,12 @@ pub async fn report_demand(shared: Arc<Shared>, sink: DemandSink) {
 mod tests {
     use super::*;
     use crate::config::Ordering;
+    use crate::message::{test_message, Message, TopicPartition};
+    use crate::state::Shared;
 
     #[test]
     fn processed_counts_acked_and_dead_lettered_messages_only() {
-        let shared = Shared::new(Ordering::None, 10, 1 << 20);
+        let (_, intake, _, status) = Shared::new(Ordering::None, 10, 1 << 20);
         for outcome in [
             "acked",
             "acked",
@@ -223,11 +236,14 @@ mod tests {
             "dropped_on_revoke",
             "abandoned",
         ] {
-            shared.metrics.outcome(outcome);
+            status.metrics().outcome(outcome);
         }
         // Fetched is not processed.
-        shared.arrivals.store(1000, AtomicOrdering::Relaxed);
-        assert_eq!(processed(&shared), 3);
+        intake.assign(&[TopicPartition::new("t", 0)]);
+        let mut batch: Vec<Message> = (0..1000).map(|o| test_message(0, o, None)).collect();
+        intake.push_batch(&mut batch);
+        assert_eq!(status.arrivals(), 1000);
+        assert_eq!(processed(&status), 3);
     }
 
     #[test]
