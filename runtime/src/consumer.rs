@@ -438,8 +438,8 @@ pub fn consumer_config(config: &RunConfig) -> ClientConfig {
         .set("queued.max.messages.kbytes", prefetch_kb.to_string())
         // After its prefetch queue was over the threshold, librdkafka waits this long
         // before fetching a partition again (default 1 s). A consumer that holds off
-        // polling while its buffer is full hits that threshold routinely; at 1 s the
-        // null sink ran at 140k msg/s, at 10 ms at ~500k msg/s (release build).
+        // polling while its buffer is full hits that threshold routinely, and waiting a
+        // whole second then bounded a fast sink's throughput (BENCHMARKS.md, "Runtime").
         .set("fetch.queue.backoff.ms", "10")
         .set("statistics.interval.ms", "5000");
     match config.group_protocol {

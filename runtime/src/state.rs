@@ -21,8 +21,8 @@
 //! one: critical sections are short and the Kafka thread (not async) takes it too.
 //!
 //! The replica's lifecycle is one [`Lifecycle`] value under that mutex, advanced only by
-//! [`Shared::begin_drain`], [`Shared::drain`] and [`Shared::close`], each of which takes
-//! the token the one before returned, so shutdown cannot run out of order.
+//! [`Shared::begin_drain`], [`Draining::drain`] and [`Halted::close`], each a method of
+//! the token the step before returned, so shutdown cannot run out of order.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -141,7 +141,7 @@ impl Slots {
     }
 }
 
-/// State guarded by [`Shared::core`].
+/// State guarded by the mutex of [`Shared`].
 #[derive(Debug)]
 struct Core {
     lifecycle: Lifecycle,
@@ -660,21 +660,32 @@ impl Intake {
         self.0.lock().brokers_down
     }
 
-    /// Records whether any broker answers (see `Core::brokers_down`); wakes the
-    /// dispatcher when they are back.
-    pub fn set_brokers_down(&self, down: bool) {
+    /// Sets one of the conditions that hold dispatching back (`Core::brokers_down`,
+    /// `Core::commits_refused`); true when it changed. Clearing one wakes the dispatcher.
+    fn set_hold(&self, flag: fn(&mut Core) -> &mut bool, on: bool) -> bool {
         let mut core = self.0.lock();
-        if core.brokers_down == down {
+        let current = flag(&mut core);
+        if *current == on {
+            return false;
+        }
+        *current = on;
+        drop(core);
+        if !on {
+            self.0.wake.notify_one();
+        }
+        true
+    }
+
+    /// Records whether any broker answers (see `Core::brokers_down`).
+    pub fn set_brokers_down(&self, down: bool) {
+        if !self.set_hold(|core| &mut core.brokers_down, down) {
             return;
         }
-        core.brokers_down = down;
-        drop(core);
         self.0.metrics.brokers_down.set(i64::from(down));
         if down {
             warn!("No Kafka broker answers; buffered messages wait until one does");
         } else {
             info!("A Kafka broker answers again; dispatching resumes");
-            self.0.wake.notify_one();
         }
     }
 
@@ -684,17 +695,13 @@ impl Intake {
 
     /// Records whether the group refuses commits (see `Core::commits_refused`).
     pub fn set_commits_refused(&self, refused: bool) {
-        let mut core = self.0.lock();
-        if core.commits_refused == refused {
+        if !self.set_hold(|core| &mut core.commits_refused, refused) {
             return;
         }
-        core.commits_refused = refused;
-        drop(core);
         if refused {
             info!("The group refuses commits (rebalancing); buffered messages wait");
         } else {
             debug!("Commits accepted again; dispatching resumes");
-            self.0.wake.notify_one();
         }
     }
 
@@ -734,12 +741,18 @@ impl Outlet {
     /// most `max`), each dispatched at once: the fast path without a rate limit. Waits
     /// until there are some; `None` once the dispatcher is done (halted, or drained).
     pub async fn next_batch(&self, max: usize) -> Option<InFlightBatch> {
+        self.wait_for(|outlet| outlet.take_batch(max)).await
+    }
+
+    /// Tries `take` until it finds something or the dispatcher is done, waiting for a
+    /// change in between (the wake-up is armed before each try, so none is missed).
+    async fn wait_for<T>(&self, mut take: impl FnMut(&Self) -> Take<T>) -> Option<T> {
         loop {
             let woken = self.0.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            match self.take_batch(max) {
-                Take::Some(batch) => return Some(batch),
+            match take(self) {
+                Take::Some(found) => return Some(found),
                 Take::Done => return None,
                 Take::Wait => woken.await,
             }
@@ -776,16 +789,7 @@ impl Outlet {
     /// yet (see [`Outlet::reserve`]). Waits until there is one; `None` once the
     /// dispatcher is done.
     pub async fn next_message(&self) -> Option<Popped> {
-        loop {
-            let woken = self.0.wake.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            match self.take_one() {
-                Take::Some(popped) => return Some(popped),
-                Take::Done => return None,
-                Take::Wait => woken.await,
-            }
-        }
+        self.wait_for(Self::take_one).await
     }
 
     fn take_one(&self) -> Take<Popped> {
@@ -892,10 +896,7 @@ impl Popped {
         core.slots.reserve();
         shared.update_gauges(&core);
         drop(core);
-        Reserve::Reserved(Reserved {
-            shared: self.shared.clone(),
-            msg: self.msg.take(),
-        })
+        Reserve::Reserved(Reserved { popped: self })
     }
 }
 
@@ -910,42 +911,41 @@ impl Drop for Popped {
     }
 }
 
-/// A message holding a reserved in-flight slot while it waits for its rate permit.
-/// Dropped, the slot and the key are given back.
+/// A popped message that also holds a reserved in-flight slot, while it waits for its
+/// rate permit. Dropped, the slot is given back (and the key, as the popped message
+/// drops).
 #[derive(Debug)]
 pub struct Reserved {
-    shared: Arc<Shared>,
-    msg: Option<Message>,
+    popped: Popped,
 }
 
 impl Reserved {
     /// Dispatches the message (its partition counts it in flight), or gives the slot
     /// back if the partition was revoked meanwhile.
     pub fn dispatch(mut self) -> Option<InFlight> {
-        let mut core = self.shared.lock();
-        let msg = self.msg.as_ref()?;
+        let shared = self.popped.shared.clone();
+        let mut core = shared.lock();
+        let msg = self.popped.msg.as_ref()?;
         if !core.is_current(msg) {
-            return None; // core unlocked first (declared after self), then dropped
+            drop(core);
+            return None; // the slot and the key go back as `self` drops
         }
         core.slots
             .dispatch_reserved((msg.tp.clone(), msg.generation));
         drop(core);
         Some(InFlight {
-            shared: self.shared.clone(),
-            msg: self.msg.take(),
+            msg: self.popped.msg.take(),
+            shared,
         })
     }
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        if let Some(msg) = self.msg.take() {
-            let mut core = self.shared.lock();
+        if self.popped.msg.is_some() {
+            let mut core = self.popped.shared.lock();
             core.slots.unreserve();
-            core.buffer.release(&msg.tp, msg.key.as_ref(), msg.offset);
-            self.shared.update_gauges(&core);
-            drop(core);
-            self.shared.wake.notify_one();
+            self.popped.shared.update_gauges(&core);
         }
     }
 }

@@ -176,7 +176,7 @@ async fn a_stalled_sink_never_lets_the_buffer_hold_more_bytes_than_buffer_bytes(
     eprintln!(
         "stalled, buffer_bytes {BOUND}: max {max_bytes} bytes / {max_messages} messages buffered over {samples} samples; at the end {buffered} bytes buffered, {in_flight} in flight, {consumed} of {N} fetched"
     );
-    // The rule (source.rs): a poll batch ends once its bytes reach the room left, so
+    // The rule (consumer.rs, `PollLoop::poll_batch`): a poll batch ends once its bytes reach the room left, so
     // the buffer goes over the bound by less than one message (with messages of
     // exactly BOUND / 8 bytes: never over it).
     assert!(

@@ -108,7 +108,7 @@ const RECLAIM: Duration = Duration::from_secs(2);
 /// right after 100 ms slices short of their share (16 and 12, then 27), when the
 /// dispatcher still took a message's rate permit before its in-flight slot and so held
 /// one permit per replica while every slot was busy (one more message per replica in a
-/// window; fixed, see runtime/src/pipeline.rs `dispatch` and the rate test
+/// window; fixed, see runtime/src/dispatch.rs `dispatch_one` and the rate test
 /// `a_message_waiting_for_a_free_slot_holds_no_rate_permit`).
 const DELIVERY_JITTER: Duration = Duration::from_millis(20);
 /// The sink's service time: with 8 in flight the fleet could reach 400 msg/s, so the
