@@ -879,7 +879,7 @@ impl Popped {
     }
 
     /// Reserves an in-flight slot for the message, if the limit has room.
-    fn reserve(mut self) -> Reserve {
+    fn reserve(self) -> Reserve {
         let shared = self.shared.clone();
         let mut core = shared.lock();
         if core.should_give_up(self.message()) {
