@@ -1146,3 +1146,107 @@ impl Status {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::test_message;
+
+    /// A replica's state with partition 0 assigned, `n` messages buffered and the
+    /// in-flight limit at `limit`.
+    fn state(n: i64, limit: u32) -> (Arc<Shared>, Intake, Outlet, Status) {
+        let (shared, intake, outlet, status) = Shared::new(Ordering::None, 100, 1 << 20);
+        intake.assign(&[TopicPartition::new("t", 0)]);
+        let mut batch: Vec<Message> = (0..n).map(|o| test_message(0, o, None)).collect();
+        intake.push_batch(&mut batch);
+        outlet.set_in_flight_limit(limit);
+        (shared, intake, outlet, status)
+    }
+
+    fn committable(intake: &Intake) -> Option<i64> {
+        intake.assigned_committable().first().map(|(_, o)| *o)
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_only_the_free_slots_and_completing_it_frees_them_and_advances_the_offset(
+    ) {
+        let (_s, intake, outlet, status) = state(5, 3);
+        let batch = outlet.next_batch(100).await.expect("ready");
+        assert_eq!(batch.messages().len(), 3);
+        assert!(status.describe().contains("in_flight=3/3"));
+        batch.complete();
+        assert!(status.describe().contains("in_flight=0/3"));
+        assert_eq!(committable(&intake), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_in_flight_message_gives_its_slot_back_and_holds_the_offset() {
+        let (_s, intake, outlet, status) = state(2, 2);
+        let mut batch = outlet.next_batch(100).await.expect("ready");
+        let mut rest = batch.split_off(1);
+        batch.complete();
+        drop(rest.pop()); // given up (revoked or halted), not finished
+        assert!(status.describe().contains("in_flight=0/2"));
+        assert_eq!(committable(&intake), Some(1), "offset 1 was not finished");
+        let abandoned = status.metrics().encode();
+        assert!(
+            abandoned.contains("pacer_messages_total{outcome=\"abandoned\"} 1"),
+            "{abandoned}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reserved_slot_dropped_before_its_permit_goes_back_with_the_key() {
+        let (_s, intake, outlet, status) = state(1, 1);
+        let popped = outlet.next_message().await.expect("ready");
+        let reserved = outlet.reserve(popped).await.expect("a free slot");
+        assert!(status.describe().contains("in_flight=1/1"));
+        drop(reserved);
+        assert!(status.describe().contains("in_flight=0/1"));
+        assert_eq!(committable(&intake), Some(0), "nothing finished");
+    }
+
+    #[tokio::test]
+    async fn a_revoke_waits_for_dispatched_messages_only() {
+        let (_s, intake, outlet, _status) = state(3, 3);
+        // One message dispatched (completed later), one only reserved.
+        let popped = outlet.next_message().await.expect("ready");
+        let in_flight = outlet
+            .reserve(popped)
+            .await
+            .expect("slot")
+            .dispatch()
+            .expect("current");
+        let popped = outlet.next_message().await.expect("ready");
+        let reserved = outlet.reserve(popped).await.expect("slot");
+        let revoking = {
+            let intake = intake.clone();
+            std::thread::spawn(move || {
+                intake.revoke(&[TopicPartition::new("t", 0)], Duration::from_secs(10))
+            })
+        };
+        // The revoke cannot finish while the dispatched message is in flight.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!revoking.is_finished());
+        in_flight.complete();
+        let committed = revoking.join().expect("revoke");
+        assert_eq!(committed, vec![(TopicPartition::new("t", 0), 1)]);
+        // The reserved one belongs to a revoked partition: it is not dispatched.
+        assert!(reserved.dispatch().is_none());
+    }
+
+    #[tokio::test]
+    async fn draining_keeps_only_the_gaps_and_halting_ends_the_dispatcher() {
+        let (shared, _intake, outlet, _status) = state(4, 1);
+        let first = outlet.next_batch(100).await.expect("ready");
+        let (halted, left) = shared.begin_drain().drain(Duration::from_millis(20)).await;
+        assert_eq!(left, 1, "the dispatched message was still in flight");
+        assert!(
+            outlet.next_batch(100).await.is_none(),
+            "halted: nothing more"
+        );
+        assert!(first.messages()[0].offset == 0);
+        drop(first);
+        halted.close();
+    }
+}
