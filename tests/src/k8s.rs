@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use crate::apache::free_port;
 
+/// Starts tried before giving up when a component's port was taken meanwhile.
+const START_ATTEMPTS: u32 = 3;
 /// Longest the API server may take to answer `/readyz` (seen here: a few seconds on an
 /// idle machine; a loaded 2-core CI machine gets much more).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -104,7 +106,29 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver and (if built) kube-controller-manager, and waits
     /// until the API server is ready and the controllers have made the `default`
     /// ServiceAccount.
+    ///
+    /// A port picked free can be taken by another process before the component binds
+    /// it (seen: kube-apiserver's `bind: address already in use` while other tests ran
+    /// beside it); such a start is given up at once and tried again on new ports, at
+    /// most [`START_ATTEMPTS`] times, as the Kafka harness does.
     pub fn start() -> ControlPlane {
+        let mut last = String::new();
+        for attempt in 1..=START_ATTEMPTS {
+            match Self::try_start() {
+                Ok(cp) => return cp,
+                Err(log) => {
+                    eprintln!(
+                        "control plane start {attempt}: a port was taken; again on new ports"
+                    );
+                    last = log;
+                }
+            }
+        }
+        panic!("control plane: ports taken in {START_ATTEMPTS} attempts:\n{last}");
+    }
+
+    /// One start; `Err` (with the logs) when a component found its port taken.
+    fn try_start() -> Result<ControlPlane, String> {
         let dir = std::env::temp_dir().join(format!(
             "pacer-k8s-{}-{}",
             std::process::id(),
@@ -135,12 +159,12 @@ impl ControlPlane {
         let launched = Instant::now();
         cp.run("etcd");
         cp.run("kube-apiserver");
-        cp.await_ready(launched);
+        cp.await_ready(launched)?;
         cp.started_in = launched.elapsed();
         if cp.controllers {
             cp.run("kube-controller-manager");
         }
-        cp
+        Ok(cp)
     }
 
     /// The folder with the components' logs (`NAME.log`).
@@ -369,20 +393,27 @@ impl ControlPlane {
         writeln!(stdin, "run {name}").expect("control plane pipe");
     }
 
-    /// Polls `/readyz` until it answers `ok`; panics with the logs after
+    /// Polls `/readyz` until it answers `ok`; `Err` with the logs as soon as etcd or
+    /// kube-apiserver found its port taken; panics with the logs after
     /// [`START_TIMEOUT`].
-    fn await_ready(&self, launched: Instant) {
+    fn await_ready(&self, launched: Instant) -> Result<(), String> {
         loop {
             let out = self.kubectl(&["get", "--raw=/readyz", "--request-timeout=2s"]);
             if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok" {
-                return;
+                return Ok(());
+            }
+            let logs = format!(
+                "--- etcd:\n{}\n--- kube-apiserver:\n{}",
+                tail(&self.log("etcd"), 30),
+                tail(&self.log("kube-apiserver"), 60)
+            );
+            if logs.contains("address already in use") {
+                return Err(logs);
             }
             assert!(
                 launched.elapsed() < START_TIMEOUT,
-                "kube-apiserver not ready within {START_TIMEOUT:?}: {}\n--- etcd:\n{}\n--- kube-apiserver:\n{}",
+                "kube-apiserver not ready within {START_TIMEOUT:?}: {}\n{logs}",
                 String::from_utf8_lossy(&out.stderr),
-                tail(&self.log("etcd"), 30),
-                tail(&self.log("kube-apiserver"), 60)
             );
             std::thread::sleep(Duration::from_millis(200));
         }
