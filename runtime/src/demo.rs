@@ -7,12 +7,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pacer_budget::ledger::BudgetConfig;
 use pacer_budget::policy::Policy;
 use pacer_budget::service::{BudgetId, Coordinator};
 use pacer_budget::Share;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
@@ -32,6 +33,13 @@ pub enum DemoError {
     Broker(#[source] rdkafka::error::KafkaError),
     #[error("cannot produce the demo backlog: {0}")]
     Produce(#[source] rdkafka::error::KafkaError),
+    #[error("the broker did not take {failed} of the {total} backlog messages: {error}")]
+    NotProduced {
+        failed: u64,
+        total: usize,
+        #[source]
+        error: rdkafka::error::KafkaError,
+    },
     #[error("cannot bind a local port: {0}")]
     Bind(#[source] std::io::Error),
     #[error("cannot write {path}: {source}")]
@@ -256,12 +264,29 @@ async fn watch_fleet(
     series
 }
 
+/// Longest the demo waits for the broker to take its backlog.
+const PRODUCE_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn produce(bootstrap: &str, partitions: i32, n: usize) -> Result<(), DemoError> {
-    let p: BaseProducer = ClientConfig::new()
+    produce_within(bootstrap, partitions, n, PRODUCE_TIMEOUT)
+}
+
+/// Produces `n` messages spread over the partitions, or gives up with the producer's
+/// error once `within` has passed (a full local queue is waited out until then; any
+/// other error ends it at once).
+fn produce_within(
+    bootstrap: &str,
+    partitions: i32,
+    n: usize,
+    within: Duration,
+) -> Result<(), DemoError> {
+    let deadline = Instant::now() + within;
+    let p: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "10")
         .set("queue.buffering.max.messages", "1000000")
-        .create()
+        .set("message.timeout.ms", within.as_millis().max(1).to_string())
+        .create_with_context(Deliveries::default())
         .map_err(DemoError::Produce)?;
     for i in 0..n {
         let value = format!("{{\"order\":{i}}}");
@@ -273,11 +298,80 @@ fn produce(bootstrap: &str, partitions: i32, n: usize) -> Result<(), DemoError> 
                 .payload(&value);
             match p.send(rec) {
                 Ok(()) => break,
-                Err(_) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if Instant::now() < deadline =>
+                {
                     p.poll(Duration::from_millis(5));
                 }
+                Err((e, _)) => return Err(DemoError::Produce(e)),
             }
         }
     }
-    p.flush(Duration::from_secs(60)).map_err(DemoError::Produce)
+    p.flush(deadline.saturating_duration_since(Instant::now()))
+        .map_err(DemoError::Produce)?;
+    let failed = p.context().failed.load(AtomicOrdering::Relaxed);
+    let first_error = match p.context().first_error.lock() {
+        Ok(first) => first.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    match first_error {
+        Some(error) => Err(DemoError::NotProduced {
+            failed,
+            total: n,
+            error,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Counts the backlog messages the broker did not take (a message that timed out is
+/// reported here, not by `flush`).
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first_error: std::sync::Mutex<Option<KafkaError>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, AtomicOrdering::Relaxed);
+            if let Ok(mut first) = self.first_error.lock() {
+                first.get_or_insert_with(|| e.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_producer_gives_up_when_no_broker_takes_the_backlog() {
+        // Port 1 on loopback: nothing listens, every connection is refused.
+        let started = Instant::now();
+        let err =
+            produce_within("127.0.0.1:1", 2, 10, Duration::from_secs(2)).expect_err("no broker");
+        assert!(
+            matches!(
+                err,
+                DemoError::NotProduced {
+                    failed: 10,
+                    total: 10,
+                    ..
+                } | DemoError::Produce(_)
+            ),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "gave up in {:?}",
+            started.elapsed()
+        );
+    }
 }
