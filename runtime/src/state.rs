@@ -432,8 +432,10 @@ impl Shared {
         Draining(self.clone())
     }
 
-    /// Ends the Kafka thread's loop without a shutdown (its handle was dropped early).
-    pub(crate) fn abort(&self) {
+    /// Moves to [`Lifecycle::Closing`]: the Kafka thread's loop ends. Reached through
+    /// [`Halted::close`], or at once when the thread's handle was dropped early
+    /// ([`Intake::abort`]).
+    fn set_closing(&self) {
         self.lock().lifecycle = Lifecycle::Closing;
         self.room.notify_all();
     }
@@ -477,7 +479,7 @@ impl Draining {
 impl Halted {
     /// The last step: the Kafka thread commits, leaves the group and ends.
     pub fn close(self) {
-        self.0.abort();
+        self.0.set_closing();
     }
 }
 
@@ -500,10 +502,6 @@ pub struct Intake(Arc<Shared>);
 impl Intake {
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
-    }
-
-    pub fn lifecycle(&self) -> Lifecycle {
-        self.0.lock().lifecycle
     }
 
     pub fn fill(&self) -> Fill {
@@ -647,7 +645,7 @@ impl Intake {
 
     /// Ends the Kafka thread's loop without a shutdown (its handle was dropped early).
     pub(crate) fn abort(&self) {
-        self.0.abort();
+        self.0.set_closing();
     }
 
     /// Records how many partitions are paused (state for the demand, and the gauge).
