@@ -1312,8 +1312,9 @@ fn refused_by_rbac(line: &str) -> bool {
         .split_once(char::is_whitespace)
         .map_or(line, |(_, r)| r);
     rest.to_lowercase().contains("forbidden")
+        // A whole word: not the digits inside a hex identity such as `op-d403c7bf`.
         || rest
-            .split(|c: char| !c.is_ascii_digit())
+            .split(|c: char| !c.is_ascii_alphanumeric())
             .any(|n| n == "403")
 }
 
@@ -1321,6 +1322,10 @@ fn refused_by_rbac(line: &str) -> bool {
 fn a_timestamp_with_403_in_it_is_not_a_refusal() {
     let ok = "2026-12-02T13:44:29.403583Z  INFO reconciling object: Invalid spec";
     assert!(!refused_by_rbac(ok));
+    // Seen in a CI run: a random leader identity with 403 in its hex digits.
+    assert!(!refused_by_rbac(
+        "2026-12-03T09:04:50.665532Z  INFO pacer_operator::leader: Became the leader lease=pacer identity=op-d403c7bf"
+    ));
     assert!(refused_by_rbac(
         "2026-12-02T13:44:29.1Z  WARN watch failed: ErrorResponse { code: 403 }"
     ));
