@@ -24,6 +24,7 @@
 //! - [`service`]: the coordinator HTTP service over many ledgers (axum).
 //! - [`client`]: the replica side: refresh loop, fallback, release.
 //! - [`file`]: the budgets file of the standalone coordinator.
+//! - [`signals`]: SIGTERM / SIGINT / SIGHUP, registered before start-up goes on.
 //! - [`standalone`]: `pacer coordinator`: the service fed from that file, reloaded on SIGHUP.
 
 pub mod client;
@@ -32,6 +33,7 @@ pub mod ledger;
 pub mod policy;
 pub mod protocol;
 pub mod service;
+pub mod signals;
 pub mod standalone;
 
 pub use ledger::{BudgetConfig, Ledger};

@@ -50,7 +50,10 @@ pub fn load(path: &Path, coord: &Coordinator) -> Result<usize, StandaloneError> 
 
 /// Runs the standalone coordinator until SIGTERM or ctrl-c.
 pub async fn run(listen: SocketAddr, budgets: PathBuf) -> Result<(), StandaloneError> {
-    use tokio::signal::unix::{signal, SignalKind};
+    // Before anything else: a SIGHUP or SIGTERM during start-up must not take the
+    // signal's default action (the end of the process).
+    let mut hup = crate::signals::hangup().map_err(StandaloneError::Signals)?;
+    let mut term = crate::signals::Terminate::register().map_err(StandaloneError::Signals)?;
     let coord = Coordinator::new();
     let n = load(&budgets, &coord)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -62,8 +65,6 @@ pub async fn run(listen: SocketAddr, budgets: PathBuf) -> Result<(), StandaloneE
     let local = listener.local_addr().map_err(StandaloneError::Serve)?;
     tracing::info!(addr = %local, budgets = n, file = %budgets.display(), "Coordinator listening");
 
-    let mut hup = signal(SignalKind::hangup()).map_err(StandaloneError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(StandaloneError::Signals)?;
     let reloader = {
         let coord: Arc<Coordinator> = coord.clone();
         let path = budgets.clone();
@@ -79,10 +80,7 @@ pub async fn run(listen: SocketAddr, budgets: PathBuf) -> Result<(), StandaloneE
         })
     };
     let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        term.recv().await;
         tracing::info!("Coordinator stopping");
     };
     let result = service::serve(listener, coord, shutdown).await;

@@ -167,6 +167,10 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         identity,
     } = cfg;
     init_tracing(log_format);
+    // First, so a SIGTERM during start-up is kept for the wait below instead of ending
+    // the process (see `pacer_budget::signals`); one registration serves every wait.
+    let mut terminate = pacer_budget::signals::Terminate::register()
+        .context("installing the SIGTERM / SIGINT handlers")?;
     // The replicas receive this as `--coordinator`, checked by the same rule.
     if let Err(e) = pacer_rules::names::http_url(&coordinator_url) {
         bail!("--coordinator-url: {e} (the coordinator speaks plain HTTP)");
@@ -229,7 +233,7 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let mut election = Election::new(api, &leader_election_lease, &me, timing);
         tokio::select! {
             () = election.acquire() => {}
-            () = shutdown_signal() => {
+            () = terminate.recv() => {
                 info!("Shutting down while standing by");
                 let _ = stop_tx.send(true);
                 coord_task.await.context("coordinator task")??;
@@ -269,10 +273,10 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let lost = match election.as_mut() {
         Some(e) => tokio::select! {
             ended = e.keep() => Some(ended),
-            () = shutdown_signal() => None,
+            () = terminate.recv() => None,
         },
         None => {
-            shutdown_signal().await;
+            terminate.recv().await;
             None
         }
     };
@@ -295,27 +299,6 @@ async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     coord_task.await.context("coordinator task")??;
     admin_task.await.context("admin task")??;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }
 
 fn init_tracing(format: LogFormat) {

@@ -313,34 +313,20 @@ async fn serve_admin(
     Ok((tokio::spawn(admin::serve(listener, router)), bound))
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once
-/// (exit code 130), for an operator who does not want to wait for the grace period.
-pub async fn shutdown_signal() {
-    first_signal().await;
-    tokio::spawn(async {
-        first_signal().await;
-        warn!("Second signal: exiting immediately");
-        std::process::exit(130);
-    });
-}
-
-async fn first_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            // Without signal handlers, only ctrl-c remains.
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+/// Registers SIGTERM and SIGINT now (inside a tokio runtime, before start-up goes on:
+/// see [`pacer_budget::signals`]) and returns a future that resolves on the first of
+/// them, including one that arrived during start-up; a second one exits the process at
+/// once (exit code 130), for an operator who does not want to wait for the grace period.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    let mut signals = pacer_budget::signals::Terminate::register()?;
+    Ok(async move {
+        signals.recv().await;
+        tokio::spawn(async move {
+            signals.recv().await;
+            warn!("Second signal: exiting immediately");
+            std::process::exit(130);
+        });
+    })
 }
 
 /// How often the demand is recomputed (the budget client sends it with each refresh).

@@ -48,7 +48,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(pacer_runtime::run(config, pacer_runtime::shutdown_signal())) {
+            let registered = {
+                let _in_runtime = rt.enter();
+                pacer_runtime::shutdown_signal()
+            };
+            let shutdown = match registered {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot install the SIGTERM / SIGINT handlers: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(pacer_runtime::run(config, shutdown)) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "Replica failed");

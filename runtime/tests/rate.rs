@@ -26,6 +26,35 @@ fn windows(starts: &[Instant], from: Instant, n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The most arrivals in any window of length `len` that starts at an arrival in
+/// `[from, until)` (`starts` sorted).
+fn busiest(starts: &[Instant], from: Instant, until: Instant, len: Duration) -> (usize, Instant) {
+    let mut best = (0, from);
+    let mut end = 0;
+    for (i, a) in starts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| **a >= from && **a < until)
+    {
+        end = end.max(i);
+        while end < starts.len() && starts[end] < *a + len {
+            end += 1;
+        }
+        if end - i > best.0 {
+            best = (end - i, *a);
+        }
+    }
+    best
+}
+
+/// The sink records arrivals, each later than its rate permit by a delay that varies a
+/// little (scheduling, the HTTP client): a fixed 1-second window can hold the permits
+/// of 1 s plus that variation, so at 5,000 msg/s 2 ms of variation put 5,058 arrivals in
+/// a window whose permits numbered at most 5,050 (a CI run did). The strict bound is
+/// checked on windows `SLACK` shorter than a second, starting at every arrival: they
+/// hold at most `rate + burst` arrivals while the delay varies by less than `SLACK`.
+const SLACK: Duration = Duration::from_millis(20);
+
 /// Runs one replica at `rate` (`f64::INFINITY`: unlimited) over a fresh topic with a
 /// backlog of `backlog` messages; returns the sorted start times the sink saw from the
 /// first delivery until `span` after it.
@@ -119,14 +148,22 @@ async fn the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_ab
         // the pool's connections, which delays their arrival by a few milliseconds and
         // makes the sink see the start of the run compressed (at 5,000/s, 15 ms of
         // connection set-up put 30 extra messages into a window anchored at t0).
-        let counts = windows(&s, s[0] + Duration::from_millis(500), 5);
+        let from = s[0] + Duration::from_millis(500);
+        let counts = windows(&s, from, 5);
+        let (most, at) = busiest(
+            &s,
+            from,
+            from + Duration::from_secs(5),
+            Duration::from_secs(1) - SLACK,
+        );
         let total: usize = counts.iter().sum();
         let observed = total as f64 / 5.0;
         let error = (observed - f64::from(rate)).abs() / f64::from(rate);
         eprintln!(
-            "{:?}: rate {rate}/s burst {burst}: observed {observed:.1}/s ({:.2}% off), windows {counts:?}",
+            "{:?}: rate {rate}/s burst {burst}: observed {observed:.1}/s ({:.2}% off), windows {counts:?}, busiest {:?} {most}",
             kafka.broker,
-            error * 100.0
+            error * 100.0,
+            Duration::from_secs(1) - SLACK
         );
         // The machine's speed can change between passes (another process takes a core):
         // when a pass misses, the ceiling is measured again right after and the lower of
@@ -156,12 +193,12 @@ async fn the_sink_sees_the_standalone_rate_within_three_percent_and_no_window_ab
                 "rate {rate}: observed {observed:.1} msg/s < {NO_WASTE} x the unlimited {reached}"
             );
         }
-        for (i, n) in counts.iter().enumerate() {
-            assert!(
-                *n as u32 <= rate + burst,
-                "rate {rate}: window {i} had {n} > {rate} + {burst}"
-            );
-        }
+        assert!(
+            most as u32 <= rate + burst,
+            "rate {rate}: {most} arrivals in the {:?} from {:?} after the first > {rate} + {burst}",
+            Duration::from_secs(1) - SLACK,
+            at - s[0]
+        );
     }
 }
 
@@ -180,7 +217,6 @@ on_both_brokers!(a_message_waiting_for_a_free_slot_holds_no_rate_permit);
 async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'static>) {
     const RATE: f64 = 10.5;
     const BURST: u32 = 1;
-    const SLACK: Duration = Duration::from_millis(20);
     const N: usize = 48;
     // Every 12th offset is slow: four chances for a held permit.
     const SLOW_EVERY: i64 = 12;
@@ -215,11 +251,7 @@ async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'st
     r.stop().await;
     let s = starts(&sink);
     let window = Duration::from_secs(1) - SLACK;
-    let counts: Vec<usize> = s
-        .iter()
-        .map(|a| s.iter().filter(|t| **t >= *a && **t < *a + window).count())
-        .collect();
-    let worst = counts.iter().copied().max().unwrap_or(0);
+    let (worst, at) = busiest(&s, s[0], s[s.len() - 1] + window, window);
     let bound = RATE.floor() as usize + BURST as usize;
     eprintln!(
         "{:?}: rate {RATE}/s burst {BURST}, 1 slot, every {SLOW_EVERY}th request 400 ms: worst window of {window:?} (one starting at each of {} arrivals) {worst}, bound {bound}",
@@ -228,7 +260,8 @@ async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'st
     );
     assert!(
         worst <= bound,
-        "a window of {window:?} held {worst} requests > floor({RATE}) + {BURST}: {counts:?}"
+        "the window of {window:?} from {:?} after the first arrival held {worst} requests > floor({RATE}) + {BURST}",
+        at - s[0]
     );
     let most = state
         .max_concurrent
