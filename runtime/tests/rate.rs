@@ -8,13 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use pacer_runtime::config::{Budget, SinkSpec};
 
-/// Start times of delivered requests, sorted.
-fn starts(sink: &TestSink) -> Vec<Instant> {
-    let mut v: Vec<Instant> = sink.state.delivered().iter().map(|s| s.start).collect();
-    v.sort();
-    v
-}
-
 /// Counts per consecutive 1-second window starting at `from`.
 fn windows(starts: &[Instant], from: Instant, n: usize) -> Vec<usize> {
     (0..n)
@@ -24,27 +17,6 @@ fn windows(starts: &[Instant], from: Instant, n: usize) -> Vec<usize> {
             starts.iter().filter(|t| **t >= a && **t < b).count()
         })
         .collect()
-}
-
-/// The most arrivals in any window of length `len` that starts at an arrival in
-/// `[from, until)` (`starts` sorted).
-fn busiest(starts: &[Instant], from: Instant, until: Instant, len: Duration) -> (usize, Instant) {
-    let mut best = (0, from);
-    let mut end = 0;
-    for (i, a) in starts
-        .iter()
-        .enumerate()
-        .filter(|(_, a)| **a >= from && **a < until)
-    {
-        end = end.max(i);
-        while end < starts.len() && starts[end] < *a + len {
-            end += 1;
-        }
-        if end - i > best.0 {
-            best = (end - i, *a);
-        }
-    }
-    best
 }
 
 /// The sink records arrivals, each later than its rate permit by a delay that varies a
@@ -86,10 +58,10 @@ async fn run_at(
         state.delivered_count() > 0
     })
     .await;
-    let t0 = starts(&sink)[0];
+    let t0 = sink.starts()[0];
     measure_until(t0, span).await;
     r.stop().await;
-    starts(&sink)
+    sink.starts()
 }
 
 /// A rate above the machine's ceiling must still get this share of the unlimited pass's
@@ -249,7 +221,7 @@ async fn a_message_waiting_for_a_free_slot_holds_no_rate_permit(kafka: Kafka<'st
     })
     .await;
     r.stop().await;
-    let s = starts(&sink);
+    let s = sink.starts();
     let window = Duration::from_secs(1) - SLACK;
     let (worst, at) = busiest(&s, s[0], s[s.len() - 1] + window, window);
     let bound = RATE.floor() as usize + BURST as usize;

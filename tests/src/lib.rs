@@ -13,13 +13,21 @@
 //! [`kubelet::Kubelet`] plays the node for one namespace's Pods, running a container
 //! of each as a local process.
 //!
+//! [`sink`] is a recording HTTP sink, [`process`] runs `pacer` children (and holds the
+//! bounded wait every test uses), [`fleet`] puts them together: a `pacer coordinator`
+//! child and `pacer run` replicas around one budget, scaled, killed, restarted and
+//! re-budgeted by the fleet tests. The runtime's own tests share `sink` and `process`.
+//!
 //! [`sim`] is a deterministic fleet simulation comparing Pacer's ledger with the peers'
 //! ways of splitting one budget (no broker, no processes).
 
 pub mod apache;
+pub mod fleet;
 pub mod k8s;
 pub mod kafka;
 pub mod kubelet;
+pub mod process;
 pub mod sim;
+pub mod sink;
 
 pub use kafka::{shared_apache, Broker, Kafka};
