@@ -158,17 +158,29 @@ pub struct CoordinatorArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Global budget in messages per second.
-    #[arg(long, default_value_t = 50.0, value_parser = rate)]
+    #[arg(long, default_value_t = 200.0, value_parser = rate)]
     pub budget: f64,
-    /// Number of replicas.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=32))]
+    /// Global in-flight budget (requests the sink may hold at once).
+    #[arg(long, default_value_t = 8, value_parser = whole_in(max_in_flight::RANGE))]
+    pub in_flight: u32,
+    /// The most replicas the story scales to (it goes 1 -> half -> this -> 2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=32))]
     pub replicas: u32,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// Seconds the story takes (the drain comes after).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(20..=3600))]
     pub duration: u64,
-    /// Write the per-second series as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    /// Partitions of the demo topic (at least `--replicas`).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub partitions: u32,
+    /// The sink's time per request, in milliseconds.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub sink_latency_ms: u64,
+    /// Where to write the per-second records, totals, events and verdict (JSON).
+    #[arg(long, default_value = "pacer-demo.json")]
+    pub json: PathBuf,
+    /// Where to draw the rates against the budget (SVG).
+    #[arg(long, default_value = "pacer-demo.svg")]
+    pub plot: PathBuf,
 }
 
 /// Where delivered messages go.

@@ -96,7 +96,9 @@ fn main() -> ExitCode {
                 }
             };
             match rt.block_on(pacer_runtime::demo::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(v) if v.pass => ExitCode::SUCCESS,
+                // The verdict line says what failed.
+                Ok(_) => ExitCode::from(3),
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(1)

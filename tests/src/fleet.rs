@@ -122,6 +122,11 @@ impl Coordinator {
         self.port = logged_port(&self.log, "Coordinator listening").await;
     }
 
+    /// The process id of the running coordinator (0 while it is down).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, |p| p.child.id())
+    }
+
     /// The URL the replicas lease from.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)

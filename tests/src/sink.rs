@@ -273,9 +273,14 @@ mod tests {
             at(1010),
             at(3000),
         ];
-        // From 950: 950, 990, 1000, 1010 fall in [950, 1950).
+        // From 100: 100, 950, 990, 1000, 1010 fall in [100, 1100); from 0 only four.
         assert_eq!(
             busiest(&s, at(0), at(4000), Duration::from_secs(1)),
+            (5, at(100))
+        );
+        // No window starts before `from`: from 500 on, 950 leads four.
+        assert_eq!(
+            busiest(&s, at(500), at(4000), Duration::from_secs(1)),
             (4, at(950))
         );
         // Windows may only start in [from, until): from 3000 on, one arrival.
