@@ -243,6 +243,32 @@ enum RefreshError {
     Timeout(Duration),
 }
 
+/// `GET /v1/budgets/{namespace}/{name}`: the budget as the coordinator at `base_url`
+/// sees it, `None` if it does not answer with one within 2 s. For tools and tests that
+/// watch a fleet (`pacer demo`, the fleet harness).
+pub async fn snapshot(
+    base_url: &str,
+    namespace: &str,
+    name: &str,
+    token: &str,
+) -> Option<crate::Snapshot> {
+    reqwest::Client::new()
+        .get(format!(
+            "{}/v1/budgets/{namespace}/{name}",
+            base_url.trim_end_matches('/')
+        ))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 async fn refresh_loop(
     config: ClientConfig,
     demand: watch::Receiver<Demand>,

@@ -172,22 +172,7 @@ impl Coordinator {
 
     /// The budget as the coordinator sees it (`GET /v1/budgets/default/NAME`).
     pub async fn snapshot(&self) -> Option<pacer_budget::Snapshot> {
-        reqwest::Client::new()
-            .get(format!(
-                "{}/v1/budgets/default/{}",
-                self.url(),
-                self.spec.name
-            ))
-            .bearer_auth(TOKEN)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?
-            .error_for_status()
-            .ok()?
-            .json()
-            .await
-            .ok()
+        pacer_budget::client::snapshot(&self.url(), "default", &self.spec.name, TOKEN).await
     }
 }
 

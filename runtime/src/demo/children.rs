@@ -193,18 +193,7 @@ impl Coordinator {
     }
 
     pub async fn snapshot(&self) -> Option<pacer_budget::Snapshot> {
-        reqwest::Client::new()
-            .get(format!("{}/v1/budgets/{NAMESPACE}/{NAME}", self.url()))
-            .bearer_auth(TOKEN)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .ok()?
-            .error_for_status()
-            .ok()?
-            .json()
-            .await
-            .ok()
+        pacer_budget::client::snapshot(&self.url(), NAMESPACE, NAME, TOKEN).await
     }
 }
 
