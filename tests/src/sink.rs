@@ -141,9 +141,22 @@ impl Drop for TestSink {
     }
 }
 
+/// Counts a request as held by the sink until its handler ends: answered, or dropped
+/// because the client went away. A SIGKILLed replica's requests are dropped mid-way;
+/// counting them down only on an answer left them held forever and made the sink report
+/// 9 at once under an in-flight budget of 8 (a CI run of the SIGKILL fleet scenario).
+struct Held(Arc<SinkState>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.current.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes) -> Response {
     let start = Instant::now();
     let now = s.current.fetch_add(1, Ordering::SeqCst) + 1;
+    let _held = Held(s.clone());
     s.max_concurrent.fetch_max(now, Ordering::SeqCst);
     let h = |n: &str| {
         headers
@@ -191,7 +204,6 @@ async fn handle(State(s): State<Arc<SinkState>>, headers: HeaderMap, body: Bytes
     seen.end = Instant::now();
     seen.status = reply.status;
     s.seen.lock().unwrap().push(seen);
-    s.current.fetch_sub(1, Ordering::SeqCst);
     let status = StatusCode::from_u16(reply.status).unwrap();
     match reply.retry_after {
         Some(secs) => (status, [("retry-after", secs.to_string())]).into_response(),
@@ -259,6 +271,31 @@ pub fn count_between(starts: &[Instant], from: Instant, to: Instant) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that goes away mid-request (a SIGKILLed replica) no longer counts as held.
+    #[tokio::test]
+    async fn a_request_whose_client_went_away_is_not_held_forever() {
+        let sink = TestSink::start(Arc::new(|_| Reply {
+            delay: Duration::from_secs(30),
+            ..Reply::OK
+        }))
+        .await;
+        let state = sink.state.clone();
+        let sent = reqwest::Client::new()
+            .post(sink.url())
+            .body("00000001")
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await;
+        assert!(sent.is_err(), "the client gave up after 200 ms");
+        crate::process::wait_for(
+            "the dropped request to be let go",
+            Duration::from_secs(10),
+            || state.current.load(Ordering::SeqCst) == 0,
+        )
+        .await;
+        assert_eq!(sink.max_concurrent(), 1);
+    }
 
     #[test]
     fn the_busiest_window_starts_at_an_arrival_and_counts_only_inside_it() {
