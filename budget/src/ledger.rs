@@ -40,6 +40,10 @@ use crate::policy::{targets, Policy};
 use crate::protocol::{Grant, LeaseRequest, MemberSnapshot, MemberState, Share, Snapshot};
 use std::collections::BTreeMap;
 
+/// A member short of its target asks again after this fraction of the refresh interval
+/// (see `Ledger::refresh_for`).
+const SHORT_REFRESH_DIVISOR: u64 = 4;
+
 /// A budget's settings, as the operator or the budgets file gives them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetConfig {
@@ -455,14 +459,33 @@ impl Ledger {
             },
             "cached sum of charges drifted from the exact sum"
         );
+        let refresh_ms = self.refresh_for(grant, target, now);
         Grant {
             rate: grant.rate,
             in_flight: grant.in_flight,
             lease_ms,
-            refresh_ms: self.config.refresh_ms,
+            refresh_ms,
             fallback,
             fallback_ms: self.config.fallback_ms,
             epoch: self.epoch,
+        }
+    }
+
+    /// How soon a member should ask again: the budget's refresh interval, or a quarter
+    /// of it while its grant is short of its target because others still hold the room
+    /// (they give it back at their next refresh, or when a silent member's lease and
+    /// fallback window run out). Asking again sooner takes the room within a quarter
+    /// interval of its being freed instead of up to a whole one: a fleet whose split
+    /// changes (a member joins, demand moves) was seen at 0.5 x its budget for most of a
+    /// refresh interval (BENCHMARKS.md, the adherence grid). Not while learning: the
+    /// room stays held until learning ends.
+    fn refresh_for(&self, grant: Share, target: Share, now: u64) -> u64 {
+        let short = grant.rate < target.rate * (1.0 - 1e-9) || grant.in_flight < target.in_flight;
+        let learning = self.learning.as_ref().is_some_and(|l| now < l.until);
+        if short && !learning {
+            (self.config.refresh_ms / SHORT_REFRESH_DIVISOR).max(1)
+        } else {
+            self.config.refresh_ms
         }
     }
 

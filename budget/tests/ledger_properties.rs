@@ -579,6 +579,33 @@ fn a_shrunk_member_keeps_counting_its_old_holding_until_it_shows_the_smaller_one
 }
 
 #[test]
+fn a_member_short_of_its_target_is_told_to_ask_again_sooner_until_it_has_it() {
+    let mut l = Ledger::new(config(100.0, 10, Policy::Equal, 1));
+    let g = l.refresh(0, &req("a", Share::ZERO));
+    assert_eq!(g.refresh_ms, REFRESH_MS, "a has its whole target");
+    // b joins while a holds everything: b is short of its half until a shrinks, so it
+    // asks again after a quarter interval rather than a whole one.
+    let gb = l.refresh(10, &req("b", Share::ZERO));
+    assert_eq!(gb.share(), Share::ZERO);
+    assert_eq!(gb.refresh_ms, REFRESH_MS / 4);
+    let ga = l.refresh(20, &req("a", g.share()));
+    assert_eq!(ga.refresh_ms, REFRESH_MS, "a is at (above) its target");
+    l.refresh(20, &req("a", ga.share()));
+    let gb = l.refresh(10 + REFRESH_MS / 4, &req("b", Share::ZERO));
+    assert_eq!(gb.share(), Share::new(50.0, 5));
+    assert_eq!(
+        gb.refresh_ms, REFRESH_MS,
+        "b has its target: the usual interval"
+    );
+    // While learning after a restart the room is held until learning ends: no sooner.
+    let mut r = Ledger::restarted(config(100.0, 10, Policy::Equal, 2), 0);
+    r.refresh(0, &req("old", Share::new(30.0, 3)));
+    let short = r.refresh(0, &req("new", Share::ZERO));
+    assert_eq!(short.share(), Share::ZERO);
+    assert_eq!(short.refresh_ms, REFRESH_MS);
+}
+
+#[test]
 fn a_restarted_coordinator_grants_only_what_reported_members_held() {
     let cfg = config(100.0, 10, Policy::Equal, 2);
     let mut l = Ledger::restarted(cfg, 0);

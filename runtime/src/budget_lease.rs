@@ -99,8 +99,9 @@ impl BudgetLease {
     }
 }
 
-/// A counter's rate per second, smoothed like the demand's arrival rate (each sample
-/// weighs 0.3).
+/// A counter's rate per second, smoothed like the demand's arrival rate: a second's
+/// sample weighs 0.3, a shorter one less (`1 - 0.7^dt`), so the smoothing spans the
+/// same few seconds however often it is sampled.
 #[derive(Debug, Clone, Copy)]
 struct Smoothed {
     last: u64,
@@ -118,9 +119,11 @@ impl Smoothed {
     /// The smoothed rate after the counter reached `total`, `dt` seconds after the last
     /// update.
     fn update(&mut self, total: u64, dt: f64) -> f64 {
-        let sample = total.saturating_sub(self.last) as f64 / dt.max(1e-3);
+        let dt = dt.max(1e-3);
+        let sample = total.saturating_sub(self.last) as f64 / dt;
         self.last = total;
-        self.rate = 0.7 * self.rate + 0.3 * sample;
+        let keep = 0.7f64.powf(dt);
+        self.rate = keep * self.rate + (1.0 - keep) * sample;
         self.rate
     }
 }
@@ -258,5 +261,20 @@ mod tests {
         assert!((last - 100.0).abs() < 1.0, "{last}");
         // A quiet second lowers it by 30 %, not to zero.
         assert!((r.update(total, 1.0) - 0.7 * last).abs() < 1e-9);
+    }
+
+    #[test]
+    fn sampled_more_often_the_smoothing_spans_the_same_time() {
+        let (mut every_second, mut every_fifth) = (Smoothed::new(0), Smoothed::new(0));
+        let (mut a, mut b) = (0.0, 0.0);
+        for s in 1..=3u64 {
+            a = every_second.update(100 * s, 1.0);
+            for k in 1..=5u64 {
+                b = every_fifth.update(100 * (s - 1) + 20 * k, 0.2);
+            }
+        }
+        // A steady 100/s for 3 s: 1 - 0.7^3 of the way there either way.
+        assert!((a - 65.7).abs() < 1e-6, "{a}");
+        assert!((b - a).abs() < 1e-6, "{b} vs {a}");
     }
 }

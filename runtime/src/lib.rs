@@ -330,4 +330,8 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
 }
 
 /// How often the demand is recomputed (the budget client sends it with each refresh).
-pub const DEMAND_EVERY: Duration = Duration::from_secs(1);
+/// Short, so that a replica whose new partitions just delivered a backlog asks for it
+/// at its next refresh: at 1 s, new members of a settled fleet still asked for an idle
+/// trickle for most of a second and the split waited for them (BENCHMARKS.md, the
+/// adherence grid).
+pub const DEMAND_EVERY: Duration = Duration::from_millis(100);

@@ -271,6 +271,9 @@ pub struct Fleet {
     sink: String,
     /// Members started so far, for unique names.
     started: usize,
+    /// Logs of the replicas stopped or killed, kept for [`Fleet::explain`] until the
+    /// fleet is dropped.
+    departed: Vec<(String, PathBuf)>,
 }
 
 impl Fleet {
@@ -282,6 +285,7 @@ impl Fleet {
             topic: topic.to_string(),
             sink: sink_url.to_string(),
             started: 0,
+            departed: Vec::new(),
         }
     }
 
@@ -342,13 +346,10 @@ impl Fleet {
     pub async fn stop(&mut self, i: usize) -> Option<i32> {
         let mut r = self.replicas.remove(i);
         r.process.signal(libc::SIGTERM);
-        let code = tokio::task::spawn_blocking(move || {
-            let code = r.process.wait(Duration::from_secs(30));
-            let _ = std::fs::remove_file(&r.log);
-            code
-        })
-        .await
-        .unwrap();
+        self.departed.push((r.member.clone(), r.log.clone()));
+        let code = tokio::task::spawn_blocking(move || r.process.wait(Duration::from_secs(30)))
+            .await
+            .unwrap();
         code
     }
 
@@ -358,9 +359,9 @@ impl Fleet {
         let mut r = self.replicas.remove(i);
         r.process.signal(libc::SIGKILL);
         let member = r.member.clone();
+        self.departed.push((r.member.clone(), r.log.clone()));
         tokio::task::spawn_blocking(move || {
             r.process.wait(Duration::from_secs(10));
-            let _ = std::fs::remove_file(&r.log);
         })
         .await
         .unwrap();
@@ -428,11 +429,49 @@ impl Fleet {
     }
 }
 
+impl Fleet {
+    /// Every replica's log lines (those departed too) that are warnings or errors, or
+    /// that name one of `partitions` (`topic/3` in assignment, revoke and commit lines):
+    /// what a test prints when it finds a duplicate.
+    pub fn explain(&self, partitions: &[i32]) -> String {
+        let names: Vec<String> = partitions
+            .iter()
+            .map(|p| format!("{}/{p}", self.topic))
+            .collect();
+        let names_one = |l: &str| {
+            names.iter().any(|n| {
+                l.match_indices(n.as_str())
+                    .any(|(at, _)| !l[at + n.len()..].starts_with(|c: char| c.is_ascii_digit()))
+            })
+        };
+        let mut out = String::new();
+        let logs = self
+            .departed
+            .iter()
+            .map(|(m, l)| (m, l))
+            .chain(self.replicas.iter().map(|r| (&r.member, &r.log)));
+        for (member, log) in logs {
+            out.push_str(&format!("--- {member} ---\n"));
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for l in text.lines() {
+                if l.contains("WARN") || l.contains("ERROR") || names_one(l) {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
         for r in self.replicas.drain(..) {
             drop(r.process);
             let _ = std::fs::remove_file(&r.log);
+        }
+        for (_, log) in &self.departed {
+            let _ = std::fs::remove_file(log);
         }
     }
 }

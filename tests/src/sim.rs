@@ -42,7 +42,7 @@ pub const DEMAND_ALL_IN_FLIGHT: u32 = 1_000_000;
 /// The runtime's headroom over the recent arrival rate when idle (`IDLE_HEADROOM`).
 pub const IDLE_HEADROOM: f64 = 1.5;
 /// The runtime recomputes its demand this often (`DEMAND_EVERY`).
-pub const DEMAND_EVERY_MS: u64 = 1_000;
+pub const DEMAND_EVERY_MS: u64 = 100;
 /// The budget client's retry backoff bounds (`client.rs`).
 const MIN_BACKOFF_MS: u64 = 100;
 const MAX_BACKOFF_MS: u64 = 5_000;
@@ -291,7 +291,7 @@ struct Replica {
     name: String,
     life: Life,
     client: Client,
-    /// `report_demand`: ticks every second from the start, EWMA of arrivals.
+    /// `report_demand`: ticks every `DEMAND_EVERY_MS` from the start, EWMA of arrivals.
     next_tick: u64,
     last_tick: u64,
     ticked: bool,
@@ -480,7 +480,8 @@ pub fn run(scenario: &Scenario, strategy: Strategy, p: &Params) -> Trace {
             if t >= r.next_tick {
                 let dt = ((t - r.last_tick) as f64 / 1000.0).max(1e-3);
                 let rate = r.arrived_since_tick / dt;
-                r.arrival_ewma = 0.7 * r.arrival_ewma + 0.3 * rate;
+                let keep = 0.7f64.powf(dt);
+                r.arrival_ewma = keep * r.arrival_ewma + (1.0 - keep) * rate;
                 // At the very first tick nothing has been fetched yet: empty buffer.
                 r.reported = runtime_demand(backlog && r.ticked, r.arrival_ewma);
                 r.ticked = true;

@@ -18,6 +18,7 @@
 //! The harness is `pacer_tests::fleet`; the replicas and the coordinator are child
 //! processes of this test, always reaped.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pacer_tests::fleet::{BudgetSpec, Coordinator, Fleet, FleetView};
@@ -225,8 +226,63 @@ impl Story {
         );
         eprintln!("{line}");
         self.lines.push(line);
+        if duplicates > 0 {
+            self.explain_duplicates(fleet, &seen);
+        }
         duplicates
     }
+
+    /// Prints each re-delivered record (partition, offset, when each delivery started
+    /// and ended, from the story's start) and every replica's log lines about those
+    /// partitions: where a hand-over left an offset behind.
+    fn explain_duplicates(&self, fleet: &Fleet, seen: &HashMap<usize, usize>) {
+        let twice: HashSet<usize> = seen
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut partitions = BTreeSet::new();
+        let mut shown = 0;
+        for s in self.sink.state.delivered() {
+            if s.id.is_some_and(|id| twice.contains(&id)) && shown < 40 {
+                shown += 1;
+                partitions.insert(s.partition);
+                eprintln!(
+                    "re-delivered: id {:?} partition {} offset {} attempt {}, started {} UTC, took {:?}",
+                    s.id,
+                    s.partition,
+                    s.offset,
+                    s.attempt,
+                    utc(s.start),
+                    s.end.duration_since(s.start)
+                );
+            }
+        }
+        let partitions: Vec<i32> = partitions.into_iter().collect();
+        eprintln!(
+            "replica logs about partitions {partitions:?}:\n{}",
+            fleet.explain(&partitions)
+        );
+    }
+}
+
+/// `instant` as the time of day in UTC (`13:04:05.123`), as the replicas' log lines
+/// show it.
+fn utc(instant: Instant) -> String {
+    let ago = instant.elapsed();
+    let at = std::time::SystemTime::now() - ago;
+    let ms = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1_000 % 60,
+        ms % 1_000
+    )
 }
 
 fn apache() -> Kafka<'static> {
