@@ -14,7 +14,9 @@
 //! no later than the coordinator's. When a grant is smaller than what the replica was
 //! holding, the client refreshes once more at once: that request shows the coordinator
 //! the smaller holding, which frees the difference for other members (a scale event
-//! converges in two refresh intervals instead of three). Failed requests are retried
+//! converges in two refresh intervals instead of three). A grant short of the member's
+//! target comes with a shorter `refreshMs` (see `Ledger::refresh_for`), which this loop
+//! follows like any other. Failed requests are retried
 //! with capped exponential backoff; 401 and 404 are retried too, since the operator may
 //! create the budget or its token after the pod starts.
 

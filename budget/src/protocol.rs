@@ -176,7 +176,8 @@ pub struct Grant {
     /// The lease is valid for this long, counted by the client from when it *sent* the
     /// request (so the client's view expires no later than the coordinator's).
     pub lease_ms: u64,
-    /// Refresh this often.
+    /// Refresh this often: the budget's refresh interval, or a quarter of it while the
+    /// grant is short of this member's target (others still hold the room).
     pub refresh_ms: u64,
     /// What to run at after the lease expires without a renewal. Never more than the
     /// grant itself, so the fallbacks of all members fit the budget.
