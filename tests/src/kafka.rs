@@ -209,6 +209,9 @@ impl<'a> Kafka<'a> {
     pub fn producer(&self) -> BaseProducer<Counted> {
         ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
+            // A retried produce request is never written twice, so an id the sink sees
+            // twice is a re-delivery by the fleet, not a producer retry.
+            .set("enable.idempotence", "true")
             .set("linger.ms", "5")
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
