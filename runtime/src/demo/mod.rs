@@ -503,6 +503,10 @@ fn produce_within(
     let deadline = Instant::now() + within;
     let p: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
+        // A retried produce request is never written twice: an order the sink sees twice
+        // is then a re-delivery by the fleet. Without it one retried request could write
+        // a partition's whole backlog twice (one request holds all of it at this size).
+        .set("enable.idempotence", "true")
         .set("linger.ms", "10")
         .set("queue.buffering.max.messages", "1000000")
         .set("message.timeout.ms", within.as_millis().max(1).to_string())
