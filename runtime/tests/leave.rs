@@ -11,6 +11,12 @@
 //!
 //! Apache Kafka only, with librdkafka's default group timings (the other scenario tests
 //! shorten the session to 6 s, which hid this as a 6 s pause).
+//!
+//! The window between the two rounds is held open, not raced: the sink stalls with one
+//! request of every partition in flight (`--ordering partition`), so the old members'
+//! revoke callbacks wait for that work and cannot rejoin for the second round until the
+//! test lets the sink answer. Without that, a run from a clean clone (a slower machine)
+//! saw the second round come before the two replicas were stopped.
 
 mod common;
 
@@ -22,7 +28,7 @@ use pacer_tests::{Broker, Kafka};
 
 const PARTITIONS: i32 = 10;
 
-fn args(bootstrap: &str) -> Vec<String> {
+fn args(bootstrap: &str, sink: &str) -> Vec<String> {
     [
         "run",
         "--bootstrap-servers",
@@ -32,13 +38,15 @@ fn args(bootstrap: &str) -> Vec<String> {
         "--group-id",
         "leave",
         "--sink",
-        "null",
+        sink,
         "--admin-addr",
         "127.0.0.1:0",
         "--rate",
         "100",
+        "--ordering",
+        "partition",
         "--max-in-flight",
-        "4",
+        "10",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -65,12 +73,14 @@ async fn a_replica_stopped_before_its_first_partitions_leaves_the_group_at_once(
     let kafka = Kafka::start(Broker::Apache);
     kafka.topic("leave", PARTITIONS);
     kafka.produce("leave", PARTITIONS, 0..20_000, 50, |_| None);
+    let sink = TestSink::ok().await;
+    let url = sink.url();
     let logs: Vec<_> = (0..5).map(|i| tmp(&format!("leave-{i}"))).collect();
     let mut replicas = Vec::new();
 
     // Two replicas own the partitions.
     for log in &logs[..2] {
-        replicas.push(spawn_logged(&args(&kafka.bootstrap), log));
+        replicas.push(spawn_logged(&args(&kafka.bootstrap, &url), log));
     }
     wait_for(
         "two replicas own partitions",
@@ -83,9 +93,22 @@ async fn a_replica_stopped_before_its_first_partitions_leaves_the_group_at_once(
     )
     .await;
 
+    // The sink stalls until one request of every partition is held: a revoke of any
+    // partition now waits for its request, so the second round waits for the test.
+    sink.state
+        .stalled
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let state = sink.state.clone();
+    wait_for(
+        "a request of every partition held by the stalled sink",
+        Duration::from_secs(60),
+        || state.current.load(std::sync::atomic::Ordering::SeqCst) >= PARTITIONS as u32,
+    )
+    .await;
+
     // Three join: the first round gives them nothing and revokes from the two.
     for log in &logs[2..] {
-        replicas.push(spawn_logged(&args(&kafka.bootstrap), log));
+        replicas.push(spawn_logged(&args(&kafka.bootstrap, &url), log));
     }
     wait_for("three replicas joined", Duration::from_secs(60), || {
         logs[2..].iter().all(|l| !assignments(l).is_empty())
@@ -103,11 +126,15 @@ async fn a_replica_stopped_before_its_first_partitions_leaves_the_group_at_once(
     for r in &mut replicas[3..] {
         assert_eq!(r.wait(Duration::from_secs(30)), Some(0));
     }
-    assert!(
-        empty > 0,
-        "neither replica was stopped with an empty assignment (the second round came \
-         first): the case is not exercised"
+    assert_eq!(
+        empty, 2,
+        "a stopped replica had partitions: the second round came first, the case is not \
+         exercised"
     );
+    // The old members' revokes may finish now: the second round can happen.
+    sink.state
+        .stalled
+        .store(false, std::sync::atomic::Ordering::SeqCst);
 
     // The remaining new replica gets partitions in the next round (a heartbeat, 3 s by
     // default), not after the session timeout (45 s).
