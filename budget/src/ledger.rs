@@ -481,8 +481,7 @@ impl Ledger {
     /// room stays held until learning ends.
     fn refresh_for(&self, grant: Share, target: Share, now: u64) -> u64 {
         let short = grant.rate < target.rate * (1.0 - 1e-9) || grant.in_flight < target.in_flight;
-        let learning = self.learning.as_ref().is_some_and(|l| now < l.until);
-        if short && !learning {
+        if short && !self.is_learning(now) {
             (self.config.refresh_ms / SHORT_REFRESH_DIVISOR).max(1)
         } else {
             self.config.refresh_ms

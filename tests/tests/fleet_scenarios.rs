@@ -232,9 +232,9 @@ impl Story {
         duplicates
     }
 
-    /// Prints each re-delivered record (partition, offset, when each delivery started
-    /// and ended, from the story's start) and every replica's log lines about those
-    /// partitions: where a hand-over left an offset behind.
+    /// Prints each re-delivered record (partition, offset, attempt, when each delivery
+    /// started, in UTC like the replicas' logs, and how long it took) and every replica's
+    /// log lines about those partitions: where a hand-over left an offset behind.
     fn explain_duplicates(&self, fleet: &Fleet, seen: &HashMap<usize, usize>) {
         let twice: HashSet<usize> = seen
             .iter()
