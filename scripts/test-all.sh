@@ -29,13 +29,18 @@ fi
 cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt >/dev/null 2>&1 || true
 cargo clippy --version >/dev/null 2>&1 || rustup component add clippy >/dev/null 2>&1 || true
 
+# A run from a clean clone gains nothing from incremental compilation, whose caches were
+# half of target/ (6 GB); a developer's own CARGO_INCREMENTAL wins.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # cargo-nextest runs every test as its own process and keeps timing tests one at a time
 # (.config/nextest.toml). Built once into .tools/ (a debug build: ~3 min on 2 cores
-# against ~8 for release, and the test runner's speed does not matter here).
+# against ~8 for release, and the test runner's speed does not matter here; without debug
+# info, which took its build folder to 1.9 GB).
 NEXTEST_VERSION="0.9.151"
 export PATH="$PWD/.tools/cargo-nextest/bin:$PATH"
 if ! cargo nextest --version 2>/dev/null | grep -q "$NEXTEST_VERSION"; then
-  cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --debug \
+  CARGO_PROFILE_DEV_DEBUG=false cargo install cargo-nextest --version "$NEXTEST_VERSION" --locked --debug \
     --root "$PWD/.tools/cargo-nextest"
 fi
 
