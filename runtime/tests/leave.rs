@@ -15,7 +15,8 @@
 //! The window between the two rounds is held open, not raced: the sink stalls with one
 //! request of every partition in flight (`--ordering partition`), so the old members'
 //! revoke callbacks wait for that work and cannot rejoin for the second round until the
-//! test lets the sink answer. Without that, a run from a clean clone (a slower machine)
+//! test lets the sink answer (the replicas' sink timeout is longer than that, so a held
+//! request is not cut short). Without that, a run from a clean clone (a slower machine)
 //! saw the second round come before the two replicas were stopped.
 
 mod common;
@@ -47,6 +48,18 @@ fn args(bootstrap: &str, sink: &str) -> Vec<String> {
         "partition",
         "--max-in-flight",
         "10",
+        // Longer than the test holds the sink: a held request stays held (with the 5 s
+        // default it timed out, went back off, and the window below closed after 5 s).
+        "--timeout",
+        "90s",
+        // Room for the whole backlog, so every partition has messages buffered when the
+        // sink stalls. With the default (1,000) the ten requests were sometimes never
+        // all held (a CI run and 1 of 3 runs by hand waited 60 s, each replica owning 5
+        // partitions); the likely cause, not proven: a partition that overshot its share
+        // (200) before its pause took effect filled the buffer while another had none
+        // yet, and the stalled sink never drained it. 0 of 5 runs failed with this.
+        "--buffer-messages",
+        "100000",
     ]
     .iter()
     .map(|s| s.to_string())
